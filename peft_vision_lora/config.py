@@ -1,0 +1,198 @@
+"""``VisionLoraConfig``: LoRA driven by VLM component flags instead of module names.
+
+It subclasses PEFT's ``LoraConfig`` so every LoRA option (dropout, init, rslora, bias, ...) keeps working, and only
+changes ``peft_type`` so that PEFT routes it to :class:`~peft_vision_lora.model.VisionLoraModel`. The flags are
+compiled against the real model when the adapter is injected; the result (an anchored regex plus non-overlapping
+``rank_pattern``/``alpha_pattern``) is written back into this config so that the saved adapter is plain PEFT LoRA
+underneath and a reload does not depend on re-resolving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft import LoraConfig
+
+from .registration import ensure_peft_type
+
+COMPONENTS = ("vision", "projector", "language", "cross_attention", "qformer", "audio")
+
+# The design's strategy table. Presets set the component flags; explicit flags win.
+TASK_PRESETS: dict[str, dict[str, bool]] = {
+    "ocr": {"finetune_vision_layers": True, "finetune_language_layers": True},
+    "captioning": {"finetune_vision_layers": True, "finetune_language_layers": True},
+    "vqa": {"finetune_vision_layers": False, "finetune_language_layers": True},
+    "domain_adaptation": {"finetune_vision_layers": True, "finetune_language_layers": False},
+}
+TASK_ALIASES = {"document": "ocr", "caption": "captioning", "domain": "domain_adaptation"}
+KERNELS = ("auto", "triton", "torch")
+# Initialisations that PEFT converts on save only for ``PeftType.LORA`` (PiSSA/OLoRA/CorDA/LoRA-GA conversion) or that
+# need PEFT's LoRA-only entry points (EVA, LoftQ): rejected instead of silently saving unconverted weights.
+UNSUPPORTED_INITS = ("pissa", "olora", "corda", "lora_ga", "eva", "loftq")
+
+_FLAG_FIELDS = ("finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules", "finetune_mlp_modules")
+
+
+class VisionLoraConfigError(ValueError):
+    """A VisionLoraConfig that cannot be honoured; still a ``ValueError`` for callers that catch that."""
+
+
+@dataclass
+class VisionLoraConfig(LoraConfig):
+    """LoRA for vision-language models, configured by component.
+
+    Example::
+
+        VisionLoraConfig(r=16, finetune_vision_layers=True, finetune_language_layers=True)
+        VisionLoraConfig(task="vqa", component_r={"language": 32})
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={
+            "help": "Candidate linears: 'all-linear' (default) or a list of leaf names such as ['q_proj', 'fc1']. "
+            "The component and module-kind flags then keep the candidates in the chosen parts of the model. "
+            "After injection this holds the compiled regex; the request is kept in `requested_target_modules`."
+        },
+    )
+    task: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Strategy preset: one of {sorted(TASK_PRESETS)}. Explicit flags override it."},
+    )
+    finetune_vision_layers: Optional[bool] = field(
+        default=None, metadata={"help": "LoRA on the vision encoder(s). Default True (or the task preset)."}
+    )
+    finetune_language_layers: Optional[bool] = field(
+        default=None, metadata={"help": "LoRA on the language model. Default True (or the task preset)."}
+    )
+    finetune_attention_modules: Optional[bool] = field(
+        default=None, metadata={"help": "Keep linears inside attention blocks. Default True."}
+    )
+    finetune_mlp_modules: Optional[bool] = field(
+        default=None, metadata={"help": "Keep linears inside MLP blocks. Default True."}
+    )
+    finetune_projector: Union[bool, Literal["full"]] = field(
+        default=False,
+        metadata={
+            "help": "The vision-to-text projector: False (frozen), True (LoRA on its linears) or 'full' (train it "
+            "fully through PEFT's modules_to_save)."
+        },
+    )
+    finetune_cross_attention: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Cross-attention blocks of the language model (Mllama). Default: follows language."},
+    )
+    finetune_qformer: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Q-Former (BLIP-2, InstructBLIP). Default: follows finetune_projector (LoRA)."},
+    )
+    finetune_audio_layers: bool = field(
+        default=False, metadata={"help": "Audio towers of omni models; never touched by the vision/language flags."}
+    )
+    component_r: dict[str, int] = field(
+        default_factory=dict, metadata={"help": f"Rank per component, e.g. {{'vision': 8}}. Keys: {COMPONENTS}."}
+    )
+    component_alpha: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "lora_alpha per component, same keys as component_r."}
+    )
+    kernel: str = field(
+        default="auto",
+        metadata={"help": "LoRA Linear backend: 'auto' (Triton on CUDA when importable, else torch), 'triton', 'torch'."},
+    )
+    requested_target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Set on injection: the user's original target_modules. Marks the config as resolved."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        self._apply_task_preset()
+        self._validate()
+
+    @property
+    def is_resolved(self) -> bool:
+        """True once targets were compiled on a model (then target_modules is the compiled regex)."""
+        return self.requested_target_modules is not None
+
+    def _apply_task_preset(self) -> None:
+        preset: dict[str, bool] = {}
+        if self.task is not None:
+            task = TASK_ALIASES.get(self.task, self.task)
+            if task not in TASK_PRESETS:
+                raise VisionLoraConfigError(
+                    f"Unknown task preset {self.task!r}. Supported presets: {sorted(TASK_PRESETS)} "
+                    f"(aliases: {sorted(TASK_ALIASES)}); or leave task=None and set the finetune_* flags."
+                )
+            self.task = task
+            preset = TASK_PRESETS[task]
+        for name in _FLAG_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, preset.get(name, True))
+        if self.finetune_cross_attention is None:
+            self.finetune_cross_attention = self.finetune_language_layers
+        if self.finetune_qformer is None:
+            self.finetune_qformer = bool(self.finetune_projector)
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise VisionLoraConfigError(f"`r` must be a positive integer, got {self.r!r}.")
+        if self.finetune_projector not in (True, False, "full"):
+            raise VisionLoraConfigError(
+                f"`finetune_projector` must be False, True (LoRA) or 'full', got {self.finetune_projector!r}."
+            )
+        if self.kernel not in KERNELS:
+            raise VisionLoraConfigError(f"Unknown kernel {self.kernel!r}; supported: {KERNELS}.")
+        for name, mapping in (("component_r", self.component_r), ("component_alpha", self.component_alpha)):
+            unknown = sorted(set(mapping) - set(COMPONENTS))
+            if unknown:
+                raise VisionLoraConfigError(f"Unknown component(s) {unknown} in `{name}`; components are {COMPONENTS}.")
+            bad = {k: v for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
+            if bad and name == "component_r":
+                raise VisionLoraConfigError(f"Ranks in `component_r` must be positive integers, got {bad}.")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
+            raise VisionLoraConfigError(
+                f"init_lora_weights={init!r} is not supported by VISION_LORA: PEFT applies its save-time conversion "
+                "only to PeftType.LORA. Use True, False or 'gaussian', or export to plain LoRA first."
+            )
+        if not self.is_resolved:
+            self._check_flags_select_something()
+
+    def _check_flags_select_something(self) -> None:
+        components = self.selected_components()
+        if not components:
+            raise VisionLoraConfigError(
+                "no linear layer matched: vision=False, language=False, projector=False, cross_attention=False, "
+                "qformer=False, audio=False. Enable at least one component flag (e.g. finetune_language_layers=True) "
+                "or pick a task preset."
+            )
+        tower_parts = {"vision", "language", "cross_attention", "qformer", "audio"}
+        if (
+            components <= tower_parts
+            and not self.finetune_attention_modules
+            and not self.finetune_mlp_modules
+        ):
+            raise VisionLoraConfigError(
+                "no linear layer matched: finetune_attention_modules=False and finetune_mlp_modules=False select "
+                "nothing inside the chosen components. Enable one of them, or set finetune_projector."
+            )
+
+    def selected_components(self) -> set[str]:
+        """Components whose linears the flags ask for (before looking at any model)."""
+        chosen = {
+            "vision": self.finetune_vision_layers,
+            "language": self.finetune_language_layers,
+            "projector": bool(self.finetune_projector),
+            "cross_attention": self.finetune_cross_attention,
+            "qformer": self.finetune_qformer,
+            "audio": self.finetune_audio_layers,
+        }
+        return {name for name, on in chosen.items() if on}
+
+    def rank_for(self, component: str) -> int:
+        return self.component_r.get(component, self.r)
+
+    def alpha_for(self, component: str) -> int:
+        return self.component_alpha.get(component, self.lora_alpha)

@@ -1,0 +1,251 @@
+"""Compile component flags + a resolved model into PEFT LoRA targets.
+
+The output is plain PEFT vocabulary: one anchored regex for ``target_modules``, ``rank_pattern``/``alpha_pattern``
+keys that cannot overlap (each is anchored at the start of the full module name and verified to match only its own
+component's modules, because PEFT uses the first matching key and ``save_pretrained`` sorts keys), and
+``modules_to_save`` for a fully trained projector. Every check runs before any module is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from .components import (
+    ComponentMap,
+    ComponentResolutionError,
+    is_candidate_linear,
+    is_embedding_path,
+    is_router,
+    module_kind,
+    resolve_components,
+    unwrap_model,
+)
+from .config import VisionLoraConfig, VisionLoraConfigError
+
+_TOWER_COMPONENTS = ("vision", "language", "cross_attention", "qformer", "audio")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One linear the adapter will wrap, with the reason it was chosen."""
+
+    name: str
+    component: str
+    kind: str
+    r: int
+    alpha: int
+    in_features: int
+    out_features: int
+
+    @property
+    def lora_params(self) -> int:
+        return self.r * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """Everything the tuner writes into the config, plus the per-module rows ``explain`` prints."""
+
+    targets: tuple[Target, ...]
+    target_regex: str
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, int]
+    modules_to_save: tuple[str, ...]
+    components: ComponentMap
+
+    def by_component(self) -> dict[str, list[Target]]:
+        grouped: dict[str, list[Target]] = defaultdict(list)
+        for target in self.targets:
+            grouped[target.component].append(target)
+        return dict(grouped)
+
+
+def candidate_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Linears (or existing LoRA layers over linears) that may be adapted, by full name.
+
+    Internals of existing adapter layers (``base_layer``, ``lora_A.*``) and of ``ModulesToSaveWrapper`` are skipped,
+    so a second adapter lands on the same modules as the first.
+    """
+    found: dict[str, nn.Module] = {}
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            skip_prefixes.append(name + ".")
+            if isinstance(module, BaseTunerLayer) and is_candidate_linear(module.get_base_layer()):
+                found[name] = module
+            continue
+        if is_candidate_linear(module):
+            found[name] = module
+    return found
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    if hasattr(base, "in_features"):
+        return int(base.in_features), int(base.out_features)
+    weight = base.weight  # transformers Conv1D stores (in, out)
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _requested(config: VisionLoraConfig) -> str | list[str] | set[str]:
+    requested = config.requested_target_modules if config.is_resolved else config.target_modules
+    return "all-linear" if requested is None else requested
+
+
+def _filter_requested(names: list[str], requested: str | list[str] | set[str]) -> list[str]:
+    if isinstance(requested, str):
+        if requested.lower() == "all-linear":
+            return names
+        return [n for n in names if re.fullmatch(requested, n)]
+    wanted = set(requested)
+    kept = [n for n in names if n in wanted or n.rsplit(".", 1)[-1] in wanted]
+    matched = {n.rsplit(".", 1)[-1] for n in kept} | {n for n in kept if n in wanted}
+    missing = sorted(wanted - matched)
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise VisionLoraConfigError(
+            f"target_modules {missing} match no linear layer in this model. Linear leaf names present: {leaves}."
+        )
+    return kept
+
+
+def _wanted(config: VisionLoraConfig, component: str, kind: str) -> bool:
+    if component == "projector":
+        return config.finetune_projector is True
+    on = {
+        "vision": config.finetune_vision_layers,
+        "language": config.finetune_language_layers,
+        "cross_attention": config.finetune_cross_attention,
+        "qformer": config.finetune_qformer,
+        "audio": config.finetune_audio_layers,
+    }[component]
+    if not on:
+        return False
+    if kind == "attention":
+        return bool(config.finetune_attention_modules)
+    if kind == "mlp":
+        return bool(config.finetune_mlp_modules)
+    # Linears in neither an attention nor an MLP block go with "all of this component".
+    return bool(config.finetune_attention_modules and config.finetune_mlp_modules)
+
+
+def _check_components_exist(config: VisionLoraConfig, components: ComponentMap) -> None:
+    asked = {
+        "vision": config.finetune_vision_layers,
+        "language": config.finetune_language_layers,
+    }
+    for component, on in asked.items():
+        if on and not components[component]:
+            raise ComponentResolutionError(
+                f"finetune_{component}_layers=True but no {component} tower was found on model_type "
+                f"{components.model_type!r} (found: {components.describe()}). Set finetune_{component}_layers=False, "
+                "or report the model so it can join the override table."
+            )
+    if config.finetune_projector and not components["projector"]:
+        raise ComponentResolutionError(
+            f"finetune_projector={config.finetune_projector!r} but no projector was found on model_type "
+            f"{components.model_type!r} (found: {components.describe()}). Set finetune_projector=False."
+        )
+
+
+def _generalise(name: str) -> str:
+    """``a.layers.3.mlp.fc1`` -> regex ``a\\.layers\\.\\d+\\.mlp\\.fc1``."""
+    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+
+
+def compact_regex(selected: set[str], universe: list[str]) -> str:
+    """Alternation matching exactly ``selected`` among ``universe``: layer indices become ``\\d+`` where that
+    over-selects nothing (so layer ranges stay exact), otherwise names are listed verbatim."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(selected):
+        groups[_generalise(name)].append(name)
+    alternatives = []
+    for pattern, names in groups.items():
+        compiled = re.compile(pattern)
+        if all(n in selected for n in universe if compiled.fullmatch(n)):
+            alternatives.append(pattern)
+        else:
+            alternatives.extend(re.escape(n) for n in names)
+    return "^(?:" + "|".join(sorted(alternatives)) + ")$"
+
+
+def compile_targets(model: nn.Module, config: VisionLoraConfig, components: ComponentMap | None = None) -> TargetPlan:
+    """Resolve ``config``'s flags on ``model``; raises a clear error (touching nothing) when the result is empty."""
+    model = unwrap_model(model)
+    components = components or resolve_components(model)
+    _check_components_exist(config, components)
+    modules = dict(model.named_modules())
+    candidates = candidate_linears(model)
+    excluded_heads = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    names = []
+    for name, module in candidates.items():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if head is not None and base is head:
+            excluded_heads.add(name)
+            continue
+        if is_embedding_path(name) or is_router(modules, name):
+            continue
+        names.append(name)
+    names = _filter_requested(names, _requested(config))
+
+    targets = []
+    for name in names:
+        component = components.component_of(name)
+        if component is None:
+            continue
+        kind = "projector" if component == "projector" else module_kind(modules, name)
+        if not _wanted(config, component, kind):
+            continue
+        in_f, out_f = _features(candidates[name])
+        targets.append(
+            Target(name, component, kind, config.rank_for(component), config.alpha_for(component), in_f, out_f)
+        )
+    if not targets:
+        flags = ", ".join(f"{c}={c in config.selected_components()}" for c in ("vision", "language", "projector"))
+        raise VisionLoraConfigError(
+            f"no linear layer matched: {flags}, attention={config.finetune_attention_modules}, "
+            f"mlp={config.finetune_mlp_modules}, target_modules={_requested(config)!r} on model_type "
+            f"{components.model_type!r} ({components.describe()})."
+        )
+
+    universe = list(modules)
+    selected = {t.name for t in targets}
+    rank_pattern, alpha_pattern = {}, {}
+    for component in sorted({t.component for t in targets}):
+        own = {t.name for t in targets if t.component == component}
+        if config.rank_for(component) != config.r:
+            rank_pattern[compact_regex(own, universe)] = config.rank_for(component)
+        if config.alpha_for(component) != config.lora_alpha:
+            alpha_pattern[compact_regex(own, universe)] = config.alpha_for(component)
+    modules_to_save = components["projector"] if config.finetune_projector == "full" else ()
+    return TargetPlan(
+        targets=tuple(targets),
+        target_regex=compact_regex(selected, universe),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        modules_to_save=tuple(modules_to_save),
+        components=components,
+    )
+
+
+def apply_plan(config: VisionLoraConfig, plan: TargetPlan) -> None:
+    """Write the compiled targets back into ``config`` so the saved adapter reloads without re-resolving."""
+    if not config.is_resolved:
+        requested = config.target_modules
+        config.requested_target_modules = sorted(requested) if isinstance(requested, (set, list)) else requested
+    config.target_modules = plan.target_regex
+    config.rank_pattern = {**(config.rank_pattern or {}), **plan.rank_pattern}
+    config.alpha_pattern = {**(config.alpha_pattern or {}), **plan.alpha_pattern}
+    if plan.modules_to_save:
+        existing = list(config.modules_to_save or [])
+        config.modules_to_save = existing + [m for m in plan.modules_to_save if m not in existing]
