@@ -165,22 +165,23 @@ def _excluded_linears(model: nn.Module) -> set[int]:
 
 
 def _projector_roots(model: nn.Module, towers: list[str]) -> list[str]:
-    """Shallowest modules holding linears outside every tower: the vision-to-text mapping."""
+    """Shallowest modules holding trainable weights outside every tower: the vision-to-text mapping.
+
+    Parameters count, not only linears: Gemma 3's projector is a bare weight matrix plus a norm.
+    """
     excluded = _excluded_linears(model)
     roots = []
     for name, module in model.named_modules():
-        if not name or not is_candidate_linear(module) or id(module) in excluded or _inside(name, towers):
+        if not name or id(module) in excluded or _inside(name, towers) or is_embedding_path(name):
             continue
-        if is_embedding_path(name):
+        if isinstance(module, nn.Embedding) or not any(True for _ in module.parameters(recurse=False)):
             continue
         parts = name.split(".")
-        root = name
         for depth in range(1, len(parts) + 1):
             prefix = ".".join(parts[:depth])
-            if not any(t.startswith(prefix + ".") or t == prefix for t in towers):
-                root = prefix
+            if not any(t == prefix or t.startswith(prefix + ".") for t in towers):
+                roots.append(prefix)
                 break
-        roots.append(root)
     return list(_shallowest(roots))
 
 
@@ -203,6 +204,14 @@ def is_embedding_path(name: str) -> bool:
     return any("embed" in part for part in name.split("."))
 
 
+def _text_only_backbone(model: nn.Module) -> str | None:
+    """A plain language model (no towers at all): its transformers backbone is the language component."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return prefix
+    return None
+
+
 def resolve_components(model: nn.Module) -> ComponentMap:
     """Locate each component on ``model`` (a transformers VLM, possibly wrapped by PEFT)."""
     model = unwrap_model(model)
@@ -214,6 +223,10 @@ def resolve_components(model: nn.Module) -> ComponentMap:
             names = _towers_from_names(model, component)
             if names:
                 found[component], how[component] = names, "name"
+    if not found.get("vision") and not found.get("language"):
+        text_model = _text_only_backbone(model)
+        if text_model:
+            found["language"], how["language"] = [text_model], "text-only model"
     paths: dict[str, tuple[str, ...]] = {c: _shallowest(p) for c, p in found.items()}
     for component, override in OVERRIDES.get(model_type, {}).items():
         paths[component], how[component] = tuple(override), "override"
@@ -253,7 +266,9 @@ def module_kind(modules: dict[str, nn.Module], name: str) -> str:
         labels.append((attr, cls))
     if any(_ATTENTION_NAME.search(a) or "Attention" in c for a, c in labels):
         return "attention"
-    if any(_MLP_NAME.search(a) or re.search(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)", c) for a, c in labels):
+    if any(
+        _MLP_NAME.search(a) or re.search(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)", c) for a, c in labels
+    ):
         return "mlp"
     leaf = parts[-1]
     if _ATTENTION_LEAF.match(leaf):

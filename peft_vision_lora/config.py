@@ -10,7 +10,7 @@ underneath and a reload does not depend on re-resolving.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft import LoraConfig
 
@@ -31,7 +31,12 @@ KERNELS = ("auto", "triton", "torch")
 # need PEFT's LoRA-only entry points (EVA, LoftQ): rejected instead of silently saving unconverted weights.
 UNSUPPORTED_INITS = ("pissa", "olora", "corda", "lora_ga", "eva", "loftq")
 
-_FLAG_FIELDS = ("finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules", "finetune_mlp_modules")
+_FLAG_FIELDS = (
+    "finetune_vision_layers",
+    "finetune_language_layers",
+    "finetune_attention_modules",
+    "finetune_mlp_modules",
+)
 
 
 class VisionLoraConfigError(ValueError):
@@ -48,7 +53,7 @@ class VisionLoraConfig(LoraConfig):
         VisionLoraConfig(task="vqa", component_r={"language": 32})
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default="all-linear",
         metadata={
             "help": "Candidate linears: 'all-linear' (default) or a list of leaf names such as ['q_proj', 'fc1']. "
@@ -56,34 +61,34 @@ class VisionLoraConfig(LoraConfig):
             "After injection this holds the compiled regex; the request is kept in `requested_target_modules`."
         },
     )
-    task: Optional[str] = field(
+    task: str | None = field(
         default=None,
         metadata={"help": f"Strategy preset: one of {sorted(TASK_PRESETS)}. Explicit flags override it."},
     )
-    finetune_vision_layers: Optional[bool] = field(
+    finetune_vision_layers: bool | None = field(
         default=None, metadata={"help": "LoRA on the vision encoder(s). Default True (or the task preset)."}
     )
-    finetune_language_layers: Optional[bool] = field(
+    finetune_language_layers: bool | None = field(
         default=None, metadata={"help": "LoRA on the language model. Default True (or the task preset)."}
     )
-    finetune_attention_modules: Optional[bool] = field(
+    finetune_attention_modules: bool | None = field(
         default=None, metadata={"help": "Keep linears inside attention blocks. Default True."}
     )
-    finetune_mlp_modules: Optional[bool] = field(
+    finetune_mlp_modules: bool | None = field(
         default=None, metadata={"help": "Keep linears inside MLP blocks. Default True."}
     )
-    finetune_projector: Union[bool, Literal["full"]] = field(
+    finetune_projector: bool | Literal["full"] = field(
         default=False,
         metadata={
             "help": "The vision-to-text projector: False (frozen), True (LoRA on its linears) or 'full' (train it "
             "fully through PEFT's modules_to_save)."
         },
     )
-    finetune_cross_attention: Optional[bool] = field(
+    finetune_cross_attention: bool | None = field(
         default=None,
         metadata={"help": "Cross-attention blocks of the language model (Mllama). Default: follows language."},
     )
-    finetune_qformer: Optional[bool] = field(
+    finetune_qformer: bool | None = field(
         default=None,
         metadata={"help": "Q-Former (BLIP-2, InstructBLIP). Default: follows finetune_projector (LoRA)."},
     )
@@ -98,9 +103,11 @@ class VisionLoraConfig(LoraConfig):
     )
     kernel: str = field(
         default="auto",
-        metadata={"help": "LoRA Linear backend: 'auto' (Triton on CUDA when importable, else torch), 'triton', 'torch'."},
+        metadata={
+            "help": "LoRA Linear backend: 'auto' (Triton on CUDA when importable, else torch), 'triton', 'torch'."
+        },
     )
-    requested_target_modules: Optional[Union[list[str], str]] = field(
+    requested_target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Set on injection: the user's original target_modules. Marks the config as resolved."},
     )
@@ -147,7 +154,9 @@ class VisionLoraConfig(LoraConfig):
         for name, mapping in (("component_r", self.component_r), ("component_alpha", self.component_alpha)):
             unknown = sorted(set(mapping) - set(COMPONENTS))
             if unknown:
-                raise VisionLoraConfigError(f"Unknown component(s) {unknown} in `{name}`; components are {COMPONENTS}.")
+                raise VisionLoraConfigError(
+                    f"Unknown component(s) {unknown} in `{name}`; components are {COMPONENTS}."
+                )
             bad = {k: v for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
             if bad and name == "component_r":
                 raise VisionLoraConfigError(f"Ranks in `component_r` must be positive integers, got {bad}.")
@@ -169,11 +178,7 @@ class VisionLoraConfig(LoraConfig):
                 "or pick a task preset."
             )
         tower_parts = {"vision", "language", "cross_attention", "qformer", "audio"}
-        if (
-            components <= tower_parts
-            and not self.finetune_attention_modules
-            and not self.finetune_mlp_modules
-        ):
+        if components <= tower_parts and not self.finetune_attention_modules and not self.finetune_mlp_modules:
             raise VisionLoraConfigError(
                 "no linear layer matched: finetune_attention_modules=False and finetune_mlp_modules=False select "
                 "nothing inside the chosen components. Enable one of them, or set finetune_projector."

@@ -48,9 +48,7 @@ def strategy_report(model: nn.Module, r: int = 16) -> list[StrategyRow]:
             per_component[target.component] = per_component.get(target.component, 0) + target.lora_params
         counts[strategy] = (len(plan.targets), sum(per_component.values()), per_component)
     full = counts["vision+language"][1] or 1
-    return [
-        StrategyRow(name, modules, params, per, params / full) for name, (modules, params, per) in counts.items()
-    ]
+    return [StrategyRow(name, modules, params, per, params / full) for name, (modules, params, per) in counts.items()]
 
 
 def format_strategy_report(rows: list[StrategyRow], model_type: str = "") -> str:

@@ -210,6 +210,11 @@ def compile_targets(model: nn.Module, config: VisionLoraConfig, components: Comp
         targets.append(
             Target(name, component, kind, config.rank_for(component), config.alpha_for(component), in_f, out_f)
         )
+    if config.finetune_projector is True and not any(t.component == "projector" for t in targets):
+        raise VisionLoraConfigError(
+            f"finetune_projector=True asks for LoRA on the projector, but the projector of {components.model_type!r} "
+            f"({list(components['projector'])}) has no linear layer. Use finetune_projector='full' to train it fully."
+        )
     if not targets:
         flags = ", ".join(f"{c}={c in config.selected_components()}" for c in ("vision", "language", "projector"))
         raise VisionLoraConfigError(
