@@ -243,6 +243,7 @@ def resolve_components(model: nn.Module) -> ComponentMap:
 
 _ATTENTION_NAME = re.compile(r"(attn|attention)", re.IGNORECASE)
 _MLP_NAME = re.compile(r"(mlp|feed_?forward|ffn|intermediate|experts?$|^output$|moe)", re.IGNORECASE)
+_MLP_CLASS = re.compile(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)")
 _ATTENTION_LEAF = re.compile(r"^(q|k|v|o|qkv|query|key|value|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|in_proj)$")
 _MLP_LEAF = re.compile(r"^(fc\d?|up_proj|down_proj|gate_proj|gate_up_proj|wi|wi_0|wi_1|wo|w1|w2|w3|c_fc|dense_.*)$")
 

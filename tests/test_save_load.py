@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from peft_vision_lora import VisionLoraConfig
 from peft_vision_lora.tiny_models import SUPPORTED_TINY_MODEL_TYPES
 
+SLOW = pytest.mark.slow
 RANKS = {"vision": 2, "language": 6, "projector": 3, "cross_attention": 5, "qformer": 4}
 
 
