@@ -1,0 +1,88 @@
+"""A VisionLoraConfig adapter is PEFT LoRA on the resolved modules: same keys, same outputs, gradients only there."""
+
+import pytest
+import torch
+from helpers import fresh_model, inputs_for, model_type_params
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from peft_vision_lora import VisionLoraConfig
+
+RANKS = {"vision": 2, "language": 6, "projector": 3}
+
+
+def _ours(model_type: str, **flags):
+    projector = "full" if model_type == "gemma3" else True
+    config = VisionLoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        finetune_projector=projector,
+        component_r=RANKS,
+        kernel="torch",
+        **flags,
+    )
+    return get_peft_model(fresh_model(model_type), config)
+
+
+def _plain_lora_like(ours):
+    """PEFT's own LoRA, told the same modules explicitly, with our weights copied in by key."""
+    resolved = ours.peft_config["default"]
+    targets = sorted(ours.base_model.targeted_module_names)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        rank_pattern=dict(resolved.rank_pattern),
+        modules_to_save=resolved.modules_to_save,
+    )
+    reference = get_peft_model(fresh_model(ours.base_model.model.config.model_type), config)
+    result = set_peft_model_state_dict(reference, get_peft_model_state_dict(ours))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    return reference
+
+
+@pytest.mark.parametrize("model_type", model_type_params())
+def test_forward_and_backward_equal_peft_lora(model_type):
+    ours = _ours(model_type).train()
+    reference = _plain_lora_like(ours).train()
+    batch = inputs_for(model_type)
+    # Train mode on purpose (dropout in the base model, LoRA path in training): same seed, same masks.
+    torch.manual_seed(1)
+    out_ours = ours(**batch)
+    torch.manual_seed(1)
+    out_ref = reference(**batch)
+    torch.testing.assert_close(out_ours.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
+    out_ours.loss.backward()
+    out_ref.loss.backward()
+    grads_ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    grads_ours = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads_ours.keys() == grads_ref.keys()
+    for name, grad in grads_ours.items():
+        if grad is None:  # e.g. the last CLIP layer of LLaVA, whose output feeds nothing
+            assert grads_ref[name] is None, name
+            continue
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_type", model_type_params())
+@pytest.mark.parametrize("task", ["vqa", "domain_adaptation"])
+def test_only_selected_adapters_are_trainable_and_get_gradients(model_type, task):
+    config = VisionLoraConfig(r=4, init_lora_weights=False, task=task)
+    model = get_peft_model(fresh_model(model_type), config).train()
+    targeted = set(model.base_model.targeted_module_names)
+    want = "model.language_model" if task == "vqa" else None
+    model(**inputs_for(model_type)).loss.backward()
+    with_grad = set()
+    for name, param in model.named_parameters():
+        module = name.removeprefix("base_model.model.").split(".lora_")[0]
+        if param.requires_grad:
+            assert ".lora_" in name and module in targeted, name
+            if param.grad is not None and param.grad.abs().sum() > 0:
+                with_grad.add(module)
+        else:
+            assert param.grad is None, name
+    assert with_grad, "no adapter received a gradient"
+    assert with_grad <= targeted
+    if want == "model.language_model" and model_type not in ("blip-2", "kosmos-2", "idefics3", "smolvlm"):
+        assert all(m.startswith(want) for m in with_grad)
