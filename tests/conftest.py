@@ -1,9 +1,18 @@
-"""Every test starts from the same global RNG state."""
+"""Every test starts from the same global RNG state, on one thread.
+
+Tiny models are dominated by per-op overhead, and CI has 2 cores: one thread per process avoids oversubscription
+(also for the subprocesses tests start, through OMP_NUM_THREADS).
+"""
+
+import os
 
 import pytest
 import torch
 
 import peft_vision_lora  # noqa: F401  (registers VISION_LORA)
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
