@@ -8,6 +8,7 @@ dispatchers. Layers stay PEFT LoRA layers, so weights keep LoRA's key names.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from peft.tuners.lora import LoraModel
@@ -36,6 +37,15 @@ class VisionLoraModel(LoraModel):
         if isinstance(config, VisionLoraConfig) and not config.is_resolved and kwargs.get("state_dict") is None:
             apply_plan(config, compile_targets(model, config))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        # Some VLMs raise from get_input_embeddings (PP-FormulaNet); our targets never include embeddings unless
+        # named, so an unknown tie is no reason to refuse the adapter.
+        try:
+            return super()._get_module_names_tied_with_embedding()
+        except (NotImplementedError, AttributeError, ValueError) as error:
+            warnings.warn(f"Could not determine weights tied to the input embeddings ({error}); assuming none.")
+            return []
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):

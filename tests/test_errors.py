@@ -58,3 +58,17 @@ def test_projector_requested_where_none_exists():
     with pytest.raises(ComponentResolutionError, match="no projector was found"):
         get_peft_model(model, VisionLoraConfig(r=4, task="vqa", finetune_projector=True))
     assert _no_lora_layers(model)
+
+
+def test_model_whose_get_input_embeddings_raises():
+    # PP-FormulaNet-style models raise here; PEFT's tied-embedding lookup must not stop the adapter.
+    model = fresh_model("llava")
+
+    def broken():
+        raise NotImplementedError("no input embeddings")
+
+    model.get_input_embeddings = broken
+    model.config.tie_word_embeddings = True  # makes PEFT look the input embeddings up
+    with pytest.warns(UserWarning, match="Could not determine weights tied"):
+        peft_model = get_peft_model(model, VisionLoraConfig(r=4))
+    assert peft_model.base_model.targeted_module_names
