@@ -28,6 +28,16 @@ def ensure_peft_type() -> PeftType:
     return PeftType[PEFT_TYPE_NAME]
 
 
+def _join_lora_only_tables(peft_type: PeftType) -> None:
+    """PEFT keys a few features by ``PeftType.LORA`` in lookup tables; our layers are LoRA layers, so join them.
+
+    Hotswapping checks ``CONFIG_KEYS_TO_CHECK[peft_type]`` before swapping LoRA weights in place.
+    """
+    from peft.utils import hotswap
+
+    hotswap.CONFIG_KEYS_TO_CHECK.setdefault(peft_type, list(hotswap.CONFIG_KEYS_TO_CHECK[PeftType.LORA]))
+
+
 def register_vision_lora() -> None:
     """Register config and tuner classes with PEFT; idempotent (PEFT itself raises on a second call)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -37,6 +47,7 @@ def register_vision_lora() -> None:
     from .model import VisionLoraModel
 
     peft_type = ensure_peft_type()
+    _join_lora_only_tables(peft_type)
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is VisionLoraConfig:
         return
     register_peft_method(name=METHOD_NAME, config_cls=VisionLoraConfig, model_cls=VisionLoraModel, prefix=PREFIX)
