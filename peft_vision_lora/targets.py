@@ -117,6 +117,16 @@ def _filter_requested(names: list[str], requested: str | list[str] | set[str]) -
     return kept
 
 
+def _excluded_by_user(config: VisionLoraConfig, name: str) -> bool:
+    """PEFT's ``exclude_modules`` semantics (regex string, or names/suffixes), applied before reporting."""
+    excluded = config.exclude_modules
+    if not excluded:
+        return False
+    if isinstance(excluded, str):
+        return re.fullmatch(excluded, name) is not None
+    return name in excluded or any(name.endswith(f".{e}") for e in excluded)
+
+
 def _wanted(config: VisionLoraConfig, component: str, kind: str) -> bool:
     if component == "projector":
         return config.finetune_projector is True
@@ -197,6 +207,7 @@ def compile_targets(model: nn.Module, config: VisionLoraConfig, components: Comp
             continue
         names.append(name)
     names = _filter_requested(names, _requested(config))
+    names = [n for n in names if not _excluded_by_user(config, n)]
 
     targets = []
     for name in names:

@@ -1,0 +1,67 @@
+"""explain() and the strategy report tell the truth about what is (or would be) trained."""
+
+import pytest
+from helpers import fresh_model, shared_model
+from peft import get_peft_model
+from zoo_truth import expected_linears
+
+from peft_vision_lora import VisionLoraConfig, explain, strategy_report
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_explain_adapted_model_rows(capsys):
+    config = VisionLoraConfig(r=4, finetune_projector=True, component_r={"vision": 2, "projector": 3})
+    model = get_peft_model(fresh_model("qwen2_vl"), config)
+    rows = explain(model)
+    printed = capsys.readouterr().out
+    assert "module" in printed and "component" in printed and f"{len(rows)} modules" in printed
+    assert {r.module for r in rows} == set(model.base_model.targeted_module_names)
+    assert sum(r.params for r in rows) == _trainable(model)
+    by_component = {c: {r.module for r in rows if r.component == c} for c in ("vision", "projector", "language")}
+    base = shared_model("qwen2_vl")
+    for component, names in by_component.items():
+        assert names == expected_linears(base, "qwen2_vl", component), component
+    assert {r.rank for r in rows if r.component == "vision"} == {2}
+    assert {r.rank for r in rows if r.component == "projector"} == {3}
+    assert {r.rank for r in rows if r.component == "language"} == {4}
+    assert {r.kind for r in rows if r.component != "projector"} == {"attention", "mlp"}
+
+
+def test_explain_dry_run_matches_injection_and_touches_nothing():
+    model = fresh_model("mllama")
+    config = VisionLoraConfig(r=4, component_r={"cross_attention": 8})
+    planned = explain(model, config, show=False)
+    assert not config.is_resolved  # the user's config is not consumed by a dry run
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    adapted = explain(get_peft_model(model, config), show=False)
+    strip = [(r.module, r.component, r.kind, r.rank, r.params) for r in planned]
+    assert strip == [(r.module, r.component, r.kind, r.rank, r.params) for r in adapted]
+    assert {r.component for r in adapted} == {"vision", "language", "cross_attention"}
+
+
+def test_explain_needs_an_adapter_or_a_config():
+    with pytest.raises(ValueError, match="pass config=VisionLoraConfig"):
+        explain(fresh_model("llava"), show=False)
+
+
+def test_exclude_modules_is_honoured_and_reported():
+    config = VisionLoraConfig(r=4, exclude_modules=["q_proj"])
+    rows = explain(shared_model("llava"), config, show=False)
+    assert rows and not [r for r in rows if r.module.endswith("q_proj")]
+    model = get_peft_model(fresh_model("llava"), VisionLoraConfig(r=4, exclude_modules=["q_proj"]))
+    assert {r.module for r in rows} == set(model.base_model.targeted_module_names)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "mllama", "blip-2"])
+def test_strategy_report_equals_real_trainable_parameters(model_type):
+    rows = {row.strategy: row for row in strategy_report(shared_model(model_type), r=8)}
+    presets = {"vision+language": "captioning", "language": "vqa", "vision": "domain_adaptation"}
+    for strategy, task in presets.items():
+        model = get_peft_model(fresh_model(model_type), VisionLoraConfig(r=8, lora_alpha=8, task=task))
+        assert rows[strategy].params == _trainable(model), strategy
+    full = rows["vision+language"].params
+    assert rows["language"].fraction_of_full == pytest.approx(rows["language"].params / full)
+    assert rows["vision"].fraction_of_full == pytest.approx(rows["vision"].params / full)
