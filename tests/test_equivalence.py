@@ -21,7 +21,9 @@ def _ours(model_type: str, **flags):
         kernel="torch",
         **flags,
     )
-    return get_peft_model(fresh_model(model_type), config)
+    model = fresh_model(model_type)  # built (and seeded) before the adapter's seed below
+    torch.manual_seed(0)
+    return get_peft_model(model, config)
 
 
 def _plain_lora_like(ours):
@@ -31,11 +33,18 @@ def _plain_lora_like(ours):
     config = LoraConfig(
         r=4,
         lora_alpha=8,
+        init_lora_weights=False,
         target_modules=targets,
         rank_pattern=dict(resolved.rank_pattern),
         modules_to_save=resolved.modules_to_save,
     )
-    reference = get_peft_model(fresh_model(ours.base_model.model.config.model_type), config)
+    model = fresh_model(ours.base_model.model.config.model_type)
+    torch.manual_seed(0)
+    reference = get_peft_model(model, config)
+    # Same seed, same modules, same order: the initial adapter weights are identical, key for key.
+    init_ours, init_ref = get_peft_model_state_dict(ours), get_peft_model_state_dict(reference)
+    assert init_ours.keys() == init_ref.keys()
+    assert [k for k in init_ours if not torch.equal(init_ours[k], init_ref[k])] == []
     result = set_peft_model_state_dict(reference, get_peft_model_state_dict(ours))
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if "lora_" in k]
