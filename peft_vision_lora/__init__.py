@@ -4,12 +4,17 @@ Importing this package registers the ``VISION_LORA`` PEFT type, so ``get_peft_mo
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle :class:`VisionLoraConfig` adapters.
 """
 
+from .card import write_model_card
 from .components import ComponentMap, ComponentResolutionError, resolve_components
 from .config import COMPONENTS, TASK_PRESETS, VisionLoraConfig, VisionLoraConfigError
 from .explain import ExplainRow, explain
+from .export import export_lora
 from .model import VisionLoraModel
+from .quantization import prepare_vlm_for_kbit_training, quantized_footprint, vlm_bnb_config
 from .registration import register_vision_lora
 from .report import StrategyRow, print_strategy_report, strategy_report
+from .saving import AdapterLoadError, push_adapter_to_hub, save_adapter
+from .sharding import fsdp_block_class_names, save_gathered_adapter
 from .targets import TargetPlan, compile_targets
 
 register_vision_lora()
@@ -19,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COMPONENTS",
     "TASK_PRESETS",
+    "AdapterLoadError",
     "ComponentMap",
     "ComponentResolutionError",
     "ExplainRow",
@@ -29,8 +35,17 @@ __all__ = [
     "VisionLoraModel",
     "compile_targets",
     "explain",
+    "export_lora",
+    "fsdp_block_class_names",
+    "prepare_vlm_for_kbit_training",
     "print_strategy_report",
+    "push_adapter_to_hub",
+    "quantized_footprint",
     "register_vision_lora",
     "resolve_components",
+    "save_adapter",
+    "save_gathered_adapter",
     "strategy_report",
+    "vlm_bnb_config",
+    "write_model_card",
 ]

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter_dir")
     export.add_argument("out_dir")
     export.add_argument("--language-only", action="store_true", help="keep only language-model adapters")
+    export.add_argument(
+        "--fold-scaling", action="store_true", help="fold each module's alpha/r into lora_B (for vLLM-style loaders)"
+    )
     return parser
 
 

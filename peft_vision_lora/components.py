@@ -1,10 +1,15 @@
 """Find the parts of a loaded VLM: vision tower(s), projector, language model, cross-attention, Q-Former, audio.
 
 Resolution is structural: a transformers VLM keeps its sub-configs on ``model.config`` (``vision_config``,
-``text_config``, ``qformer_config``, ``audio_config``, ...) and builds each tower from its sub-config, so the
-shallowest submodule whose ``.config`` *is* that sub-config is the tower. Everything trainable outside the towers on
-the way from vision to text is the projector, as are merger modules inside the vision tower (Qwen2-VL's
-``visual.merger``). A small override table and a name-based fallback cover the models that break the rule.
+``text_config``, ``qformer_config``, ``audio_config``, ...; nested ones too, as in PI0's ``vlm_config`` or
+T5Gemma 2's ``encoder``) and builds each tower from its sub-config, so the shallowest submodule whose ``.config`` *is*
+that sub-config is the tower. Trainable modules beside the towers are the projector, as are merger modules inside
+the vision tower (Qwen2-VL's ``visual.merger``, Qwen3-VL's ``deepstack_merger_list``). When the top config is itself
+the text config (Idefics, GIT, Chameleon), the language model is the backbone minus the other components.
+
+Some modules belong to no component and no flag ever targets them: VQ image tokenizers (Chameleon, Emu3, Janus:
+their discrete codes pass no gradient) and a robot policy's action expert (PI0). A small override table and a
+name-based fallback cover the models that break the rules.
 """
 
 from __future__ import annotations
@@ -23,16 +28,23 @@ try:  # GPT-2 style linears; PEFT's "all-linear" counts them too.
 except ImportError:  # pragma: no cover
     pass
 
-# Sub-config attribute name -> component. Checked in order; the first fragment found in the key wins.
+EXCLUDED = "excluded"  # marker for towers that are no component (never targeted)
+
+# Sub-config attribute name -> component. Checked in order; the first fragment found in the key wins. A key matching
+# nothing (``vlm_config``, T5Gemma 2's ``encoder``) is searched for nested sub-configs.
 _SUBCONFIG_COMPONENTS = (
     ("audio", "audio"),
     ("qformer", "qformer"),
+    ("perceiver", "projector"),  # Idefics' perceiver resampler maps image features to latents for the text model
+    ("vq", EXCLUDED),  # VQ image tokenizer: quantisation passes no gradient, nothing to adapt
+    ("dit", EXCLUDED),  # PI0's action expert: a policy head, not part of the VLM
     ("vision", "vision"),
     ("image", "vision"),
     ("visual", "vision"),
     ("text", "language"),
     ("language", "language"),
     ("llm", "language"),
+    ("decoder", "language"),
 )
 # Name-based fallback for models without sub-configs (remote code, hand-rolled VLMs).
 _FALLBACK_NAMES = {
@@ -40,11 +52,60 @@ _FALLBACK_NAMES = {
     "language": ("language_model", "text_model", "llm", "text_decoder", "decoder"),
     "audio": ("audio_tower", "audio_model", "audio_encoder"),
 }
-# Modules inside a vision tower that map vision features to text: projector, not vision layers.
-_IN_TOWER_PROJECTOR = re.compile(r"(merger|projector|connector|aligner|deepstack_merger_list)$")
-_CROSS_ATTENTION = re.compile(r"(cross_attn|cross_attention|crossattention)$")
-# Per-model_type corrections, applied after structural resolution. Keys: component -> module paths.
-OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {}
+# Modules inside a vision tower that map vision features to text: projector, not vision layers (Qwen2-VL's merger,
+# Qwen3-VL's deepstack mergers, Llama 4's pixel-shuffle vision_adapter, PP-FormulaNet's multi_modal_projector).
+_IN_TOWER_PROJECTOR = re.compile(r"(merger|merger_list|projector|connector|aligner|adapter)$")
+# Blocks of the language model whose keys/values come from image features: Mllama's cross_attn, Idefics' gated
+# cross-attention layers, BLIP's BERT crossattention, and the decoder cross-attention of encoder-decoder VLMs (BART's
+# encoder_attn, T5's EncDecAttention, Pix2Struct's encoder_decoder_attention) whose encoder output carries the image.
+_CROSS_ATTENTION = re.compile(
+    r"(cross_attn|cross_attention|crossattention|gated_cross_attn_layers|encoder_attn|EncDecAttention"
+    r"|encoder_decoder_attention)$"
+)
+# Parts of a module path that are embeddings (token, position, patch; Gemma 4 unified's encoder-free patch_dense is
+# its patch embedding): never targets. Multimodal embedders (Gemma 3n/4's ``embed_vision``, ``embed_audio``) map
+# features into the text space: they are projectors.
+_EMBEDDING_PART = re.compile(r"embed|^wte$|^wpe$")
+_MODALITY_EMBEDDER = re.compile(r"^embed_(vision|audio|image|video)$")
+
+# Per-model_type corrections, applied after structural resolution: component -> module paths, plus EXCLUDED paths.
+OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
+    # An encoder (any vision model config) and a decoder (any text model): sub-config keys name neither.
+    "vision-encoder-decoder": {"vision": ("encoder",), "language": ("decoder",)},
+    # UDOP has no vision tower: image patches enter the shared T5 encoder through a patch embedding.
+    "udop": {"language": ("encoder", "decoder")},
+    # GIT: the top config is the text config; the BERT-style stack is git.encoder.
+    "git": {"language": ("git.encoder",), "projector": ("git.visual_projection",)},
+    # Janus: only the understanding path; image generation (VQ codes in and out) is no component.
+    "janus": {
+        "projector": ("model.aligner",),
+        EXCLUDED: ("model.vqmodel", "model.generation_aligner", "model.generation_head"),
+    },
+    # DeepSeek-VL hybrid: the SAM neck and downsampling convs belong to the high-resolution vision encoder.
+    "deepseek_vl_hybrid": {
+        "vision": (
+            "model.vision_model",
+            "model.high_res_vision_model",
+            "model.high_res_vision_neck",
+            "model.high_res_vision_proj",
+        ),
+        "projector": ("model.aligner",),
+    },
+    # Idefics: the top config is the text config; the perceiver resampler is built without a config attribute.
+    "idefics": {"projector": ("model.perceiver_resampler",)},
+    # DiffusionGemma: the block-diffusion decoder is a second text stack, built from the top config.
+    "diffusion_gemma": {"language": ("model.encoder.language_model", "model.decoder")},
+    # Ovis 2: the visual head maps vision features onto the visual vocabulary (then an embedding table).
+    "ovis2": {"projector": ("model.vision_tower.head_linear", "model.vision_tower.head_norm")},
+    # Evolla is a protein-text model: its protein encoder takes the vision role, the resampler the projector's.
+    "evolla": {
+        "vision": ("model.protein_encoder.model",),
+        "projector": ("model.protein_encoder.sequence_compressor_resampler",),
+        "language": ("model",),
+    },
+}
+# Per-model_type cross-attention block names the generic pattern does not know (Evolla's protein adapters).
+_CROSS_ATTENTION_BY_TYPE: dict[str, re.Pattern] = {"evolla": re.compile(r"\.adapter$")}
 
 
 class ComponentResolutionError(ValueError):
@@ -53,11 +114,16 @@ class ComponentResolutionError(ValueError):
 
 @dataclass(frozen=True)
 class ComponentMap:
-    """Module-path prefixes of each component, and how each was found (for ``explain``)."""
+    """Module-path prefixes of each component, and how each was found (for ``explain``).
+
+    ``excluded`` are prefixes that belong to no component (VQ tokenizers, action experts): a module under one of them
+    has no component even when a shorter component prefix (the backbone) covers it.
+    """
 
     model_type: str
     paths: dict[str, tuple[str, ...]]
     how: dict[str, str] = field(default_factory=dict)
+    excluded: tuple[str, ...] = ()
 
     def __getitem__(self, component: str) -> tuple[str, ...]:
         return self.paths.get(component, ())
@@ -65,14 +131,16 @@ class ComponentMap:
     def component_of(self, name: str) -> str | None:
         """The component owning module ``name``: the longest matching prefix wins (merger in visual -> projector)."""
         best, best_len = None, -1
-        for component, prefixes in self.paths.items():
+        for component, prefixes in [*self.paths.items(), (EXCLUDED, self.excluded)]:
             for prefix in prefixes:
                 if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
                     best, best_len = component, len(prefix)
-        return best
+        return None if best == EXCLUDED else best
 
     def describe(self) -> str:
         parts = [f"{c}={list(p)}" for c, p in self.paths.items() if p]
+        if self.excluded:
+            parts.append(f"excluded={list(self.excluded)}")
         return f"{self.model_type}: " + (", ".join(parts) or "no components found")
 
 
@@ -97,13 +165,23 @@ def is_candidate_linear(module: nn.Module) -> bool:
     return all(cls.forward is base.forward for base in LINEAR_TYPES if isinstance(module, base))
 
 
-def _subconfigs(config: PretrainedConfig) -> list[tuple[str, PretrainedConfig]]:
+def _subconfigs(config: PretrainedConfig, prefix: str = "") -> list[tuple[str, PretrainedConfig]]:
+    """(key, sub-config) pairs, searching inside sub-configs whose key names no component (``vlm_config``)."""
     keys = list(getattr(config, "sub_configs", {}) or {})
     keys += [k for k, v in vars(config).items() if isinstance(v, PretrainedConfig) and k not in keys]
-    return [(k, getattr(config, k)) for k in keys if isinstance(getattr(config, k, None), PretrainedConfig)]
+    found = []
+    for key in keys:
+        sub = getattr(config, key, None)
+        if not isinstance(sub, PretrainedConfig):
+            continue
+        found.append((prefix + key, sub))
+        if _component_for_key(key) is None:
+            found += _subconfigs(sub, prefix=f"{prefix}{key}.")
+    return found
 
 
 def _component_for_key(key: str) -> str | None:
+    key = key.rsplit(".", 1)[-1]
     for fragment, component in _SUBCONFIG_COMPONENTS:
         if fragment in key:
             return component
@@ -150,26 +228,43 @@ def _inside(name: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _excluded_linears(model: nn.Module) -> set[int]:
-    """Output heads are never LoRA targets unless named explicitly."""
-    excluded = set()
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def output_heads(model: nn.Module) -> set[int]:
+    """ids of the output heads (the model's and every nested transformers model's): never LoRA targets unless named.
+
+    NemotronH-Omni keeps its ``lm_head`` inside ``language_model``, which the top model does not report.
+    """
+    heads = set()
+    for module in [model, *(m for m in model.modules() if isinstance(m, PreTrainedModel))]:
+        getter = getattr(module, "get_output_embeddings", None)
+        if not callable(getter):
+            continue
         try:
             head = getter()
         except Exception:  # some remote-code models raise here
             head = None
-        if head is not None:
-            excluded.add(id(head))
-    return excluded
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    return heads
+
+
+def is_inert_linear(modules: dict[str, nn.Module], name: str) -> bool:
+    """``nn.MultiheadAttention`` reads its ``out_proj`` as a bare weight: a LoRA wrapper there would never run."""
+    parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+    return isinstance(parent, nn.MultiheadAttention)
 
 
 def _projector_roots(model: nn.Module, towers: list[str]) -> list[str]:
-    """Shallowest modules holding trainable weights outside every tower: the vision-to-text mapping.
+    """Shallowest modules holding trainable weights outside every tower and *beside* one: the vision-to-text mapping.
 
-    Parameters count, not only linears: Gemma 3's projector is a bare weight matrix plus a norm.
+    Parameters count, not only linears: Gemma 3's projector is a bare weight matrix plus a norm. Modules elsewhere
+    (PI0's action projections at the top level) are on no path between the towers and stay unassigned.
     """
-    excluded = _excluded_linears(model)
+    excluded = output_heads(model)
+    tower_parents = {_parent(t) for t in towers}
     roots = []
     for name, module in model.named_modules():
         if not name or id(module) in excluded or _inside(name, towers) or is_embedding_path(name):
@@ -180,7 +275,8 @@ def _projector_roots(model: nn.Module, towers: list[str]) -> list[str]:
         for depth in range(1, len(parts) + 1):
             prefix = ".".join(parts[:depth])
             if not any(t == prefix or t.startswith(prefix + ".") for t in towers):
-                roots.append(prefix)
+                if _parent(prefix) in tower_parents:
+                    roots.append(prefix)
                 break
     return list(_shallowest(roots))
 
@@ -194,18 +290,29 @@ def _in_tower_projectors(model: nn.Module, vision: tuple[str, ...]) -> list[str]
     return list(_shallowest(hits))
 
 
-def _cross_attention_blocks(model: nn.Module, language: tuple[str, ...]) -> list[str]:
-    hits = [n for n, _ in model.named_modules() if _inside(n, language) and _CROSS_ATTENTION.search(n)]
+def _cross_attention_blocks(model: nn.Module, language: tuple[str, ...], model_type: str) -> list[str]:
+    extra = _CROSS_ATTENTION_BY_TYPE.get(model_type)
+    hits = [
+        n
+        for n, _ in model.named_modules()
+        if _inside(n, language) and (_CROSS_ATTENTION.search(n) or (extra is not None and extra.search(n)))
+    ]
     return list(_shallowest(hits))
 
 
 def is_embedding_path(name: str) -> bool:
-    """Embeddings and patch embeddings (``patch_embed.proj``, ``embeddings.patch_embedding``) are never targets."""
-    return any("embed" in part for part in name.split("."))
+    """Embeddings and patch embeddings (``patch_embed.proj``, ``embeddings.patch_embedding``) are never targets;
+    multimodal embedders (``embed_vision.embedding_projection``) are projectors, not embeddings."""
+    parts = name.split(".")
+    if "patch_dense" in parts:
+        return True
+    if any(_MODALITY_EMBEDDER.match(part) for part in parts):
+        return False
+    return any(_EMBEDDING_PART.search(part) for part in parts)
 
 
-def _text_only_backbone(model: nn.Module) -> str | None:
-    """A plain language model (no towers at all): its transformers backbone is the language component."""
+def _backbone(model: nn.Module) -> str | None:
+    """The transformers backbone (``base_model_prefix``): the language model when the top config is the text one."""
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
         return prefix
@@ -223,53 +330,101 @@ def resolve_components(model: nn.Module) -> ComponentMap:
             names = _towers_from_names(model, component)
             if names:
                 found[component], how[component] = names, "name"
-    if not found.get("vision") and not found.get("language"):
-        text_model = _text_only_backbone(model)
-        if text_model:
-            found["language"], how["language"] = [text_model], "text-only model"
-    paths: dict[str, tuple[str, ...]] = {c: _shallowest(p) for c, p in found.items()}
+    if not found.get("language"):
+        backbone = _backbone(model)
+        if backbone and not _inside(backbone, found.get("vision", [])):
+            # No text sub-config: the top config is the text config, and the backbone minus the other parts is the
+            # language model (longest prefix wins in component_of).
+            found["language"], how["language"] = [backbone], "backbone"
+    paths: dict[str, tuple[str, ...]] = {c: _shallowest(p) for c, p in found.items() if c != EXCLUDED}
+    excluded = list(found.get(EXCLUDED, []))
     for component, override in OVERRIDES.get(model_type, {}).items():
-        paths[component], how[component] = tuple(override), "override"
+        if component == EXCLUDED:
+            excluded += list(override)
+        else:
+            paths[component], how[component] = tuple(override), "override"
 
-    towers = [p for c in ("vision", "language", "audio", "qformer") for p in paths.get(c, ())]
-    projector = _in_tower_projectors(model, paths.get("vision", ())) + _projector_roots(model, towers)
-    if projector and "projector" not in how:
-        paths["projector"], how["projector"] = _shallowest(projector), "structure"
-    cross = _cross_attention_blocks(model, paths.get("language", ()))
+    towers = [p for c in ("vision", "language", "audio", "qformer") for p in paths.get(c, ())] + excluded
+    if how.get("language") == "backbone":
+        towers = [t for t in towers if t not in paths["language"]]  # beside the towers is inside the backbone
+    roots = _projector_roots(model, towers) if how.get("language") != "backbone" else []
+    audio_side = [r for r in roots if "audio" in r.rsplit(".", 1)[-1]]  # Gemma's embed_audio: the audio path
+    projector = _in_tower_projectors(model, paths.get("vision", ())) + [r for r in roots if r not in audio_side]
+    if how.get("projector") != "override" and (projector or paths.get("projector")):
+        paths["projector"] = _shallowest(projector + list(paths.get("projector", ())))
+        how["projector"] = "structure"
+    if audio_side:
+        paths["audio"] = _shallowest(list(paths.get("audio", ())) + audio_side)
+        how.setdefault("audio", "structure")
+    cross = _cross_attention_blocks(model, paths.get("language", ()), model_type)
     if cross and "cross_attention" not in how:
         paths["cross_attention"], how["cross_attention"] = tuple(cross), "structure"
-    return ComponentMap(model_type=model_type, paths=paths, how=how)
+    return ComponentMap(model_type=model_type, paths=paths, how=how, excluded=_shallowest(excluded))
+
+
+def layer_slot(
+    components: ComponentMap, modules: dict[str, nn.Module], component: str, name: str
+) -> tuple[str, int, int] | None:
+    """(stack, layer index, stack length) of module ``name``: the first numbered element below its component's root.
+
+    Cross-attention blocks are counted in the language model's stacks (Mllama's ``layers.3.cross_attn`` is layer
+    3). A component with several stacks (Mllama's local and global vision encoders, an encoder-decoder's two
+    stacks) has one slot per stack. None for modules outside every numbered stack (a pooling head).
+    """
+    roots = components["language"] if component == "cross_attention" else ()
+    roots = [r for r in roots if name.startswith(r + ".")] or [
+        r for r in components[component] if name.startswith(r + ".")
+    ]
+    root = max(roots, key=len, default=None)
+    if root is None:
+        return None
+    rest = name[len(root) + 1 :].split(".")
+    for position, part in enumerate(rest):
+        if part.isdigit():
+            stack = ".".join([root, *rest[:position]])
+            container = modules.get(stack)
+            length = len(container) if isinstance(container, (nn.ModuleList, nn.Sequential)) else int(part) + 1
+            return stack, int(part), length
+    return None
 
 
 _ATTENTION_NAME = re.compile(r"(attn|attention)", re.IGNORECASE)
-_MLP_NAME = re.compile(r"(mlp|feed_?forward|ffn|intermediate|experts?$|^output$|moe)", re.IGNORECASE)
+_MLP_NAME = re.compile(r"(mlp|feed_?forward|ffn|^ff$|intermediate|experts?$|^output$|moe)", re.IGNORECASE)
 _MLP_CLASS = re.compile(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)")
+_ATTENTION_CLASS = re.compile(r"(Attention|Mixer)")
+# Residual-stream mixers (hyper-connections) sit beside attention/MLP: neither kind.
+_NEITHER_NAME = re.compile(r"hyper_connection")
 _ATTENTION_LEAF = re.compile(r"^(q|k|v|o|qkv|query|key|value|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|in_proj)$")
 _MLP_LEAF = re.compile(r"^(fc\d?|up_proj|down_proj|gate_proj|gate_up_proj|wi|wi_0|wi_1|wo|w1|w2|w3|c_fc|dense_.*)$")
 
 
 def module_kind(modules: dict[str, nn.Module], name: str) -> str:
-    """'attention', 'mlp' or 'other', decided by the enclosing block (its attribute and class names).
+    """'attention', 'mlp' or 'other', decided by the enclosing blocks (their attribute names, then class names).
 
-    Ancestors are read from the leaf up to the numbered layer that holds them; attention wins over MLP because
-    BERT-style attention blocks contain an ``output`` submodule.
+    Ancestors are read from the leaf up to the numbered layer that holds them (or the transformers model that holds
+    them). Attribute names decide first and attention wins over MLP, because BERT-style attention blocks contain an
+    ``output`` submodule; class names decide next (NemotronH calls every block ``mixer``). Token mixers that are not
+    softmax attention (Mamba, short convolutions, linear attention) count as attention: the split is token mixing
+    vs channel mixing.
     """
     parts = name.split(".")
-    ancestors = []  # nearest first, up to the numbered layer that holds the leaf
+    labels = []  # (attribute, class) of the ancestors, nearest first
     for depth in range(len(parts) - 1, 0, -1):
         if parts[depth - 1].isdigit():
             break
-        ancestors.append(".".join(parts[:depth]))
-    labels = []
-    for path in ancestors:
-        attr = path.rsplit(".", 1)[-1]
-        cls = type(modules[path]).__name__ if path in modules else ""
-        labels.append((attr, cls))
-    if any(_ATTENTION_NAME.search(a) or "Attention" in c for a, c in labels):
+        module = modules.get(".".join(parts[:depth]))
+        if isinstance(module, PreTrainedModel):
+            break  # a tower's or the model's own class name (Qwen3OmniMoe...) says nothing about this block
+        labels.append((parts[depth - 1], type(module).__name__ if module is not None else ""))
+    if any(_NEITHER_NAME.search(a) for a, _ in labels):
+        return "other"
+    if any(_ATTENTION_NAME.search(a) for a, _ in labels):
         return "attention"
-    if any(
-        _MLP_NAME.search(a) or re.search(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)", c) for a, c in labels
-    ):
+    if any(_MLP_NAME.search(a) for a, _ in labels):
+        return "mlp"
+    if any(_ATTENTION_CLASS.search(c) for _, c in labels):
+        return "attention"
+    if any(_MLP_CLASS.search(c) for _, c in labels):
         return "mlp"
     leaf = parts[-1]
     if _ATTENTION_LEAF.match(leaf):
@@ -280,9 +435,16 @@ def module_kind(modules: dict[str, nn.Module], name: str) -> str:
 
 
 def is_router(modules: dict[str, nn.Module], name: str) -> bool:
-    """MoE routers (``gate``/``router`` beside ``experts``) are never LoRA targets."""
-    leaf = name.rsplit(".", 1)[-1]
-    if "router" in leaf:
-        return True
-    parent = name.rsplit(".", 1)[0] if "." in name else ""
-    return leaf in ("gate", "gate_proj_router") and f"{parent}.experts" in modules
+    """MoE routing linears are never LoRA targets: anything named ``router``, and a ``gate``/``*_gate`` linear (or
+    a linear inside a ``gate`` module) that sits beside the block's ``experts``."""
+    parts = name.split(".")
+    for depth in range(len(parts), 0, -1):
+        part = parts[depth - 1]
+        if part.isdigit():
+            break
+        if "router" in part:
+            return True
+        block = ".".join(parts[: depth - 1])
+        if (part == "gate" or part.endswith("_gate")) and f"{block}.experts" in modules:
+            return True
+    return False

@@ -101,6 +101,14 @@ class VisionLoraConfig(LoraConfig):
     component_alpha: dict[str, int] = field(
         default_factory=dict, metadata={"help": "lora_alpha per component, same keys as component_r."}
     )
+    component_layers: dict[str, list[int]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Layers to adapt per component, e.g. {'vision': [-2, -1], 'language': range(0, 8)}: indices into "
+            "each numbered stack of that component (negative counts from its end; a range becomes a list). "
+            "Components not named keep all their layers; modules outside numbered stacks drop out of a named one."
+        },
+    )
     kernel: str = field(
         default="auto",
         metadata={
@@ -111,12 +119,30 @@ class VisionLoraConfig(LoraConfig):
         default=None,
         metadata={"help": "Set on injection: the user's original target_modules. Marks the config as resolved."},
     )
+    component_targets: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Set on injection: for each component, a regex matching exactly its adapted modules. The model "
+            "card and `export_lora(language_only=True)` read it from adapter_config.json without the base model."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type()
         self._apply_task_preset()
         self._validate()
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write adapter_config.json, then the model card (see :mod:`peft_vision_lora.card`).
+
+        ``PeftModel.save_pretrained`` saves the weights before the config, so at this point the card can count them;
+        a config saved on its own (no weights beside it) gets no card.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        from .card import write_model_card
+
+        write_model_card(save_directory, self)
 
     @property
     def is_resolved(self) -> bool:
@@ -160,6 +186,7 @@ class VisionLoraConfig(LoraConfig):
             bad = {k: v for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
             if bad and name == "component_r":
                 raise VisionLoraConfigError(f"Ranks in `component_r` must be positive integers, got {bad}.")
+        self._validate_component_layers()
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
             raise VisionLoraConfigError(
@@ -168,6 +195,30 @@ class VisionLoraConfig(LoraConfig):
             )
         if not self.is_resolved:
             self._check_flags_select_something()
+
+    def _validate_component_layers(self) -> None:
+        """Layer lists are JSON-serialisable lists of ints (a range or tuple is converted) for known components."""
+        if not isinstance(self.component_layers, dict):
+            raise VisionLoraConfigError(
+                f"`component_layers` must be a dict like {{'vision': [-2, -1]}}, got {self.component_layers!r}."
+            )
+        unknown = sorted(set(self.component_layers) - set(COMPONENTS))
+        if unknown:
+            raise VisionLoraConfigError(
+                f"Unknown component(s) {unknown} in `component_layers`; components are {COMPONENTS}."
+            )
+        for component, layers in self.component_layers.items():
+            values = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(values, (list, tuple, range)) or not values:
+                raise VisionLoraConfigError(
+                    f"`component_layers[{component!r}]` must be a non-empty list of layer indices, got {layers!r}."
+                )
+            if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+                raise VisionLoraConfigError(
+                    f"`component_layers[{component!r}]` must hold integers (negative ones count from the end), "
+                    f"got {layers!r}."
+                )
+            self.component_layers[component] = sorted(set(values))
 
     def _check_flags_select_something(self) -> None:
         components = self.selected_components()

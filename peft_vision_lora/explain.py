@@ -9,6 +9,7 @@ from torch import nn
 
 from .components import module_kind, resolve_components, unwrap_model
 from .config import VisionLoraConfig
+from .quantization import quantized_layer_path
 from .targets import compile_targets
 
 
@@ -19,7 +20,8 @@ class ExplainRow:
     kind: str
     rank: int
     params: int
-    path: str  # which forward the layer runs: "triton", "torch-fused", "peft" or "planned" (not injected yet)
+    path: str  # which forward the layer runs: "triton", "torch-fused", "peft", "peft-bnb4"/"peft-bnb8" (PEFT's layer
+    # over a bitsandbytes base, dequantizing inside the matmul) or "planned" (not injected yet)
 
 
 def _adapted_rows(model: nn.Module, adapter_name: str) -> list[ExplainRow]:
@@ -33,7 +35,7 @@ def _adapted_rows(model: nn.Module, adapter_name: str) -> list[ExplainRow]:
         params = sum(p.numel() for p in module.lora_A[adapter_name].parameters())
         params += sum(p.numel() for p in module.lora_B[adapter_name].parameters())
         path = getattr(module, "kernel_path", None)
-        path = path() if callable(path) else (path or "peft")
+        path = path() if callable(path) else (path or quantized_layer_path(module) or "peft")
         component = components.component_of(name) or "other"
         kind = "projector" if component == "projector" else module_kind(modules, name)
         rows.append(ExplainRow(name, component, kind, int(module.r[adapter_name]), int(params), str(path)))

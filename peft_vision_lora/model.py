@@ -8,14 +8,21 @@ dispatchers. Layers stay PEFT LoRA layers, so weights keep LoRA's key names.
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 from typing import Any
 
-from peft.tuners.lora import LoraModel
+import torch
+from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
+from .components import ComponentResolutionError, resolve_components
 from .config import VisionLoraConfig
-from .targets import apply_plan, compile_targets
+from .saving import remap_and_check
+from .targets import apply_plan, compact_regex, compile_targets
+
+logger = logging.getLogger(__name__)
 
 
 def _vision_dispatcher():
@@ -34,9 +41,28 @@ class VisionLoraModel(LoraModel):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
-        if isinstance(config, VisionLoraConfig) and not config.is_resolved and kwargs.get("state_dict") is None:
-            apply_plan(config, compile_targets(model, config))
+        ours = isinstance(config, VisionLoraConfig)
+        if ours and kwargs.get("state_dict") is None:
+            if not config.is_resolved:
+                apply_plan(config, compile_targets(model, config))
+            elif not _matches_any_module(model, config.target_modules):
+                _recompile_for_layout(model, config, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if ours:
+            config.component_targets = _component_targets(model, adapter_name) or config.component_targets
+
+    # ---- strict loading (see peft_vision_lora.saving) -----------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's remap, then: keys of an older transformers layout renamed (logged), and an exact fit demanded."""
+
+        def remap(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return super(VisionLoraModel, cls)._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
+
+        return remap_and_check(remap, model, adapter_name, state_dict, config.base_model_name_or_path)
 
     def _get_module_names_tied_with_embedding(self) -> list[str]:
         # Some VLMs raise from get_input_embeddings (PP-FormulaNet); our targets never include embeddings unless
@@ -44,8 +70,17 @@ class VisionLoraModel(LoraModel):
         try:
             return super()._get_module_names_tied_with_embedding()
         except (NotImplementedError, AttributeError, ValueError) as error:
-            warnings.warn(f"Could not determine weights tied to the input embeddings ({error}); assuming none.")
+            warnings.warn(
+                f"Could not determine weights tied to the input embeddings ({error}); assuming none.", stacklevel=2
+            )
             return []
+
+    def _check_merge_allowed(self) -> None:
+        # every merge path (merge_adapter, merge_and_unload) passes here: say what merging into a k-bit base loses
+        super()._check_merge_allowed()
+        from .quantization import warn_if_merging_into_quantized
+
+        warn_if_merging_into_quantized(self.model)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
@@ -55,3 +90,52 @@ class VisionLoraModel(LoraModel):
             if new_module is not None:
                 return new_module
         return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+
+
+# ---- helpers for injection ---------------------------------------------------------------------------------------
+
+
+def _matches_any_module(model: nn.Module, target_modules: Any) -> bool:
+    if not isinstance(target_modules, str):
+        return True  # a list is matched by PEFT itself, which raises if nothing matches
+    pattern = re.compile(target_modules)
+    return any(pattern.fullmatch(name) for name, _ in model.named_modules())
+
+
+def _recompile_for_layout(model: nn.Module, config: VisionLoraConfig, adapter_name: str) -> None:
+    """The saved regex names modules of another module layout (transformers renamed them): recompile the flags.
+
+    The weights are renamed with transformers' rules when they load, and the strict key check proves that both
+    agree, so a wrong guess fails loudly instead of leaving modules without their adapter.
+    """
+    names = [name for name, _ in model.named_modules()]
+
+    def live(patterns: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in (patterns or {}).items() if any(re.fullmatch(k, n) for n in names)}
+
+    stale = config.target_modules
+    config.rank_pattern, config.alpha_pattern = live(config.rank_pattern), live(config.alpha_pattern)
+    apply_plan(config, compile_targets(model, config))
+    logger.warning(
+        "Adapter '%s': its saved target_modules match no module of this %s (saved for another module layout: %.80s); "
+        "targets were recompiled from the component flags.",
+        adapter_name,
+        type(model).__name__,
+        stale,
+    )
+
+
+def _component_targets(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """For each component, a regex matching exactly the modules that carry this adapter."""
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    if not adapted:
+        return {}
+    try:
+        components = resolve_components(model)
+    except ComponentResolutionError:
+        return {}
+    grouped: dict[str, set[str]] = {}
+    for name in adapted:
+        grouped.setdefault(components.component_of(name) or "other", set()).add(name)
+    universe = [name for name, _ in model.named_modules()]
+    return {component: compact_regex(names, universe) for component, names in sorted(grouped.items())}

@@ -21,8 +21,11 @@ from .components import (
     ComponentResolutionError,
     is_candidate_linear,
     is_embedding_path,
+    is_inert_linear,
     is_router,
+    layer_slot,
     module_kind,
+    output_heads,
     resolve_components,
     unwrap_model,
 )
@@ -187,6 +190,35 @@ def compact_regex(selected: set[str], universe: list[str]) -> str:
     return "^(?:" + "|".join(sorted(alternatives)) + ")$"
 
 
+def _keep_requested_layers(
+    config: VisionLoraConfig, components: ComponentMap, modules: dict[str, nn.Module], targets: list[Target]
+) -> list[Target]:
+    """Keep, per component in ``config.component_layers``, only targets in the listed layers of each of its stacks.
+
+    Negative indices count from the end of each stack. An index that exists in no stack of the component is an
+    error (PEFT's single ``layers_to_transform`` cannot express per-component ranges, hence this).
+    """
+    kept = []
+    for component, wanted in config.component_layers.items():
+        own = [t.name for t in targets if t.component == component]
+        if not own:  # the component's flag is off: nothing to narrow
+            continue
+        slots = {name: layer_slot(components, modules, component, name) for name in own}
+        lengths = {slot[0]: slot[2] for slot in slots.values() if slot is not None}
+        missing = [i for i in wanted if not any(-n <= i < n for n in lengths.values())]
+        if missing:
+            raise VisionLoraConfigError(
+                f"component_layers[{component!r}] asks for layers {missing}, but the selected {component} modules of "
+                f"{components.model_type!r} sit in stacks {lengths or 'none (no numbered layers)'} (stack: number of "
+                "layers). Use indices inside those ranges (negative ones count from the end)."
+            )
+        for name, slot in slots.items():
+            if slot is not None and (slot[1] in wanted or slot[1] - slot[2] in wanted):
+                kept.append(name)
+    layered = set(config.component_layers)
+    return [t for t in targets if t.component not in layered or t.name in set(kept)]
+
+
 def compile_targets(model: nn.Module, config: VisionLoraConfig, components: ComponentMap | None = None) -> TargetPlan:
     """Resolve ``config``'s flags on ``model``; raises a clear error (touching nothing) when the result is empty."""
     model = unwrap_model(model)
@@ -194,16 +226,13 @@ def compile_targets(model: nn.Module, config: VisionLoraConfig, components: Comp
     _check_components_exist(config, components)
     modules = dict(model.named_modules())
     candidates = candidate_linears(model)
-    excluded_heads = set()
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
+    heads = output_heads(model)
     names = []
     for name, module in candidates.items():
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if head is not None and base is head:
-            excluded_heads.add(name)
+        if id(base) in heads:
             continue
-        if is_embedding_path(name) or is_router(modules, name):
+        if is_embedding_path(name) or is_router(modules, name) or is_inert_linear(modules, name):
             continue
         names.append(name)
     names = _filter_requested(names, _requested(config))
@@ -221,6 +250,8 @@ def compile_targets(model: nn.Module, config: VisionLoraConfig, components: Comp
         targets.append(
             Target(name, component, kind, config.rank_for(component), config.alpha_for(component), in_f, out_f)
         )
+    if config.component_layers:
+        targets = _keep_requested_layers(config, components, modules, targets)
     if config.finetune_projector is True and not any(t.component == "projector" for t in targets):
         raise VisionLoraConfigError(
             f"finetune_projector=True asks for LoRA on the projector, but the projector of {components.model_type!r} "

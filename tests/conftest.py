@@ -9,7 +9,12 @@ import os
 import pytest
 import torch
 
-import peft_vision_lora  # noqa: F401  (registers VISION_LORA)
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter, which triton picks when it is first imported
+    # (`import peft` already imports it): set it before anything else does.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import peft_vision_lora  # noqa: E402, F401  (registers VISION_LORA)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

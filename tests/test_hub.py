@@ -1,0 +1,170 @@
+"""Hub uploads, tested up to the network: what ``huggingface_hub.HfApi`` is handed, and that it loads back.
+
+The network is cut (offline mode) and the two ``HfApi`` calls that reach the Hub in an upload, ``create_repo`` and
+``create_commit``, are replaced by recorders that keep the bytes of every file in the commit.
+"""
+
+import re
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import torch
+from helpers import fresh_model, inputs_for
+from huggingface_hub import HfApi, ModelCard
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from peft_vision_lora import VisionLoraConfig, push_adapter_to_hub
+
+# Offline, PEFT warns that it cannot look up the base model's config.json.
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to fetch remote file", "ignore:Could not find a config file")
+MODEL_TYPE = "llava"
+BASE_ID = "acme/tiny-llava"
+REPO_ID = "someone/tiny-llava-vision-lora"
+# Module-path markers of each component in the tiny LLaVA, written out by hand (not taken from the package).
+COMPONENT_MARKERS = {
+    "vision": "vision_tower",
+    "projector": "multi_modal_projector",
+    "language": "language_model",
+}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # PEFT's save_pretrained looks up the base model's config.json on the Hub; no test here may reach the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Recording create_repo/create_commit; yields the list of recorded calls."""
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        commits.append({"create_repo": repo_id, **kwargs})
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            files[op.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else bytes(source)
+        commits.append({"repo_id": repo_id, "files": files, **kwargs})
+        return SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return commits
+
+
+def _model():
+    base = fresh_model(MODEL_TYPE)
+    base.name_or_path = BASE_ID  # what from_pretrained sets; get_peft_model copies it into the adapter config
+    config = VisionLoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, finetune_projector=True, component_r={"vision": 2}
+    )
+    return get_peft_model(base, config).eval()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs_for(MODEL_TYPE)).logits
+
+
+def _trainable_per_component(model) -> dict[str, tuple[int, int]]:
+    """(modules, LoRA parameters) per component, counted on the live model."""
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            component = next(c for c, marker in COMPONENT_MARKERS.items() if marker in name)
+            params = sum(p.numel() for p in module.lora_A.parameters()) + sum(
+                p.numel() for p in module.lora_B.parameters()
+            )
+            modules, total = counts.get(component, (0, 0))
+            counts[component] = (modules + 1, total + params)
+    return counts
+
+
+def _table_rows(card_text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in card_text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in (*COMPONENT_MARKERS, "**total**"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _write(files: dict[str, bytes], folder):
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def test_push_adapter_uploads_weights_config_and_card(hub, tmp_path):
+    model = _model()
+    expected = _logits(model)
+    push_adapter_to_hub(model, REPO_ID, private=True)
+
+    assert hub[0] == {"create_repo": REPO_ID, "private": True, "exist_ok": True}
+    commit = hub[1]
+    assert commit["repo_id"] == REPO_ID
+    assert sorted(commit["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+    card = ModelCard(commit["files"]["README.md"].decode())
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == BASE_ID
+    assert {"vision-lora", "vision-lora-strategy:vision-projector-language", "lora"} <= set(card.data.tags)
+    rows = _table_rows(card.text)
+    for component, (modules, params) in _trainable_per_component(model).items():
+        rank = "2" if component == "vision" else "4"
+        assert rows[component] == [str(modules), rank, f"{params:,}"], component
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert rows["**total**"][-1] == f"{total:,}"
+    # How to load, with and without the package, naming the repo.
+    assert f'PeftModel.from_pretrained(base, "{REPO_ID}")' in card.text
+    assert "import peft_vision_lora" in card.text
+    assert f"peft-vision-lora export {REPO_ID}" in card.text
+
+    folder = _write(commit["files"], tmp_path / "downloaded")
+    reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder).eval()
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_save_pretrained_writes_the_same_card(hub, tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path / "local")
+    push_adapter_to_hub(model, REPO_ID)
+    local = ModelCard.load(tmp_path / "local" / "README.md")
+    pushed = ModelCard(hub[1]["files"]["README.md"].decode())
+    assert local.data.to_dict() == pushed.data.to_dict()
+    # Only the loading snippets differ: a placeholder path locally, the repo id on the Hub.
+    assert re.sub("path/to/adapter", REPO_ID, local.text) == pushed.text
+    assert "<!-- Provide a quick summary" not in local.text  # PEFT's empty template was replaced
+
+
+def test_user_text_in_the_card_survives_a_second_save(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text() + "\n## Training data\n\nMy notes.\n")
+    model.save_pretrained(tmp_path)
+    text = readme.read_text()
+    assert text.count("## Adapted components") == 1
+    assert "My notes." in text
+
+
+def test_model_push_to_hub_uploads_a_loadable_adapter(hub, tmp_path):
+    # PeftModel.push_to_hub is transformers' PushToHubMixin: safetensors + config, and its own README.md.
+    model = _model()
+    expected = _logits(model)
+    model.push_to_hub(REPO_ID)
+    files = hub[-1]["files"]
+    assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    folder = _write(files, tmp_path / "downloaded")
+    reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder).eval()
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
+    # Documented limitation (docs/sharing.md): the mixin replaces README.md with transformers' generic card after
+    # save_pretrained, so the component table only travels with push_adapter_to_hub.
+    assert ModelCard(files["README.md"].decode()).data.library_name == "transformers"

@@ -1,0 +1,124 @@
+"""Loading is strict: every adapter weight lands on a module and every adapted module gets its weights.
+
+Adapters saved under transformers' older VLM layout (``language_model.model.layers``, ``vision_tower.vision_model``,
+top-level ``multi_modal_projector``) load onto today's layout (``model.language_model.layers``, ...) through
+transformers' own rename rules, with a log line, and give the same logits.
+"""
+
+import json
+import logging
+import re
+
+import pytest
+import torch
+from helpers import fresh_model, inputs_for
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from peft_vision_lora import AdapterLoadError, VisionLoraConfig
+
+WEIGHTS = "adapter_model.safetensors"
+# transformers < 4.52 layout of LLaVA-style models -> the layout transformers 5 builds (and our adapters name).
+OLD_LAYOUT = {
+    "model.language_model.": "language_model.model.",
+    "model.vision_tower.": "vision_tower.vision_model.",
+    "model.multi_modal_projector.": "multi_modal_projector.",
+}
+
+
+def _saved_adapter(tmp_path, model_type="llava"):
+    config = VisionLoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, finetune_projector=True, component_r={"vision": 2}
+    )
+    model = get_peft_model(fresh_model(model_type), config).eval()
+    with torch.no_grad():
+        logits = model(**inputs_for(model_type)).logits
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    return folder, logits
+
+
+def _rewrite_weights(folder, change):
+    weights = load_file(folder / WEIGHTS)
+    save_file(change(weights), folder / WEIGHTS, metadata={"format": "pt"})
+
+
+def _load(folder, model_type="llava"):
+    return PeftModel.from_pretrained(fresh_model(model_type), folder).eval()
+
+
+def test_missing_adapter_weights_raise_naming_them(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    dropped = sorted(k for k in load_file(folder / WEIGHTS) if "layers.1.self_attn.q_proj.lora_B" in k)
+    assert len(dropped) == 2  # one in the vision tower, one in the language model
+    _rewrite_weights(folder, lambda w: {k: v for k, v in w.items() if k not in dropped})
+    with pytest.raises(AdapterLoadError, match="2 adapted parameter\\(s\\) got no weights") as error:
+        _load(folder)
+    for key in dropped:  # named in model form, with the adapter name
+        assert key.removesuffix(".weight") + ".default.weight" in str(error.value)
+
+
+def test_unexpected_adapter_weights_raise_naming_them(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    stray = "base_model.model.model.language_model.layers.0.mlp.no_such_proj.lora_A.weight"
+    _rewrite_weights(folder, lambda w: {**w, stray: torch.zeros(4, 32)})
+    with pytest.raises(AdapterLoadError, match="1 adapter weight\\(s\\) match no module") as error:
+        _load(folder)
+    assert stray in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_adapter_of_another_model_type_fails_instead_of_loading_partly(tmp_path):
+    # The language models share module names, the vision towers do not: PEFT alone would load the overlap.
+    folder, _ = _saved_adapter(tmp_path, "llava")
+    with pytest.raises(AdapterLoadError, match="match no module") as error:
+        _load(folder, "qwen2_vl")
+    assert "vision_tower" in str(error.value)
+
+
+def _to_old_layout(folder):
+    def rename(key):
+        for new, old in OLD_LAYOUT.items():
+            key = key.replace("base_model.model." + new, "base_model.model." + old)
+        return key
+
+    def rename_regex(text):
+        for new, old in OLD_LAYOUT.items():
+            text = text.replace(re.escape(new), re.escape(old))
+        return text
+
+    _rewrite_weights(folder, lambda w: {rename(k): v for k, v in w.items()})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = rename_regex(config["target_modules"])
+    config["rank_pattern"] = {rename_regex(k): v for k, v in config["rank_pattern"].items()}
+    config["component_targets"] = {c: rename_regex(p) for c, p in config["component_targets"].items()}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_old_transformers_layout_is_remapped_logged_and_exact(tmp_path, caplog):
+    folder, expected = _saved_adapter(tmp_path)
+    config = _to_old_layout(folder)
+    assert "language_model\\.model\\.layers" in config["target_modules"]
+    assert not any(k.startswith("base_model.model.model.") for k in load_file(folder / WEIGHTS))
+
+    with caplog.at_level(logging.WARNING, logger="peft_vision_lora"):
+        model = _load(folder)
+    log = caplog.text
+    assert "remapped 56 key(s)" in log
+    assert "language_model.model.* -> model.language_model.*" in log
+    assert "vision_tower.vision_model.* -> model.vision_tower.*" in log
+    assert "multi_modal_projector.* -> model.multi_modal_projector.*" in log
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs_for("llava")).logits, expected, rtol=1e-5, atol=1e-6)
+    ranks = {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "r") and "default" in m.r}
+    assert {r for n, r in ranks.items() if "vision_tower" in n} == {2}
+    assert {r for n, r in ranks.items() if "vision_tower" not in n} == {4}
+
+
+def test_old_layout_with_a_lost_tensor_still_fails(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    _to_old_layout(folder)
+    _rewrite_weights(folder, lambda w: {k: v for k, v in w.items() if "layers.0.mlp.up_proj.lora_A" not in k})
+    with pytest.raises(AdapterLoadError, match="layers.0.mlp.up_proj.lora_A.default.weight"):
+        _load(folder)
