@@ -6,12 +6,13 @@ This module computes the real figures on the model at hand (meta-device models w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
 from .components import resolve_components, unwrap_model
-from .config import VisionLoraConfig, VisionLoraConfigError
+from .config import VisionLoraConfig
 from .targets import compile_targets
 
 DESIGN_CLAIMS = {"language": (0.50, 0.70), "vision": (0.30, 0.50)}
@@ -40,7 +41,7 @@ def strategy_report(model: nn.Module, r: int = 16) -> list[StrategyRow]:
         config = VisionLoraConfig(r=r, lora_alpha=r, **flags)
         try:
             plan = compile_targets(model, config, components)
-        except VisionLoraConfigError:
+        except ValueError:  # the strategy selects nothing here (e.g. no vision tower): it trains 0 parameters
             counts[strategy] = (0, 0, {})
             continue
         per_component: dict[str, int] = {}
@@ -51,6 +52,10 @@ def strategy_report(model: nn.Module, r: int = 16) -> list[StrategyRow]:
     return [StrategyRow(name, modules, params, per, params / full) for name, (modules, params, per) in counts.items()]
 
 
+def _share(fraction: float) -> str:
+    return "n/a" if math.isnan(fraction) else f"{fraction:.1%}"
+
+
 def format_strategy_report(rows: list[StrategyRow], model_type: str = "") -> str:
     lines = [f"LoRA parameters per strategy{f' ({model_type})' if model_type else ''}:"]
     lines.append(f"{'strategy':<16} {'modules':>8} {'params':>12} {'of full':>8}  claim")
@@ -58,7 +63,7 @@ def format_strategy_report(rows: list[StrategyRow], model_type: str = "") -> str
         claim = DESIGN_CLAIMS.get(row.strategy)
         claim_text = f"{claim[0]:.0%}-{claim[1]:.0%}" if claim else ""
         lines.append(
-            f"{row.strategy:<16} {row.modules:>8} {row.params:>12,} {row.fraction_of_full:>8.1%}  {claim_text}"
+            f"{row.strategy:<16} {row.modules:>8} {row.params:>12,} {_share(row.fraction_of_full):>8}  {claim_text}"
         )
         split = ", ".join(f"{c} {n:,}" for c, n in sorted(row.per_component.items()))
         if split:

@@ -1,5 +1,7 @@
 """explain() and the strategy report tell the truth about what is (or would be) trained."""
 
+import math
+
 import pytest
 from helpers import fresh_model, shared_model
 from peft import get_peft_model
@@ -65,3 +67,13 @@ def test_strategy_report_equals_real_trainable_parameters(model_type):
     full = rows["vision+language"].params
     assert rows["language"].fraction_of_full == pytest.approx(rows["language"].params / full)
     assert rows["vision"].fraction_of_full == pytest.approx(rows["vision"].params / full)
+
+
+def test_strategy_report_on_a_model_without_vision_tower():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2))
+    rows = {row.strategy: row for row in strategy_report(model, r=4)}
+    assert rows["vision"].params == 0 and rows["vision+language"].params == 0
+    assert rows["language"].params > 0
+    assert math.isnan(rows["language"].fraction_of_full)  # no full-VLM figure to compare against
