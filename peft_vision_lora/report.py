@@ -48,8 +48,11 @@ def strategy_report(model: nn.Module, r: int = 16) -> list[StrategyRow]:
         for target in plan.targets:
             per_component[target.component] = per_component.get(target.component, 0) + target.lora_params
         counts[strategy] = (len(plan.targets), sum(per_component.values()), per_component)
-    full = counts["vision+language"][1] or 1
-    return [StrategyRow(name, modules, params, per, params / full) for name, (modules, params, per) in counts.items()]
+    full = counts["vision+language"][1]
+    return [
+        StrategyRow(name, modules, params, per, params / full if full else math.nan)
+        for name, (modules, params, per) in counts.items()
+    ]
 
 
 def _share(fraction: float) -> str:
