@@ -19,19 +19,11 @@ from torch import nn
 
 from .components import ComponentResolutionError, resolve_components
 from .config import VisionLoraConfig
+from .layer import dispatch_vision_lora
 from .saving import remap_and_check
 from .targets import apply_plan, compact_regex, compile_targets
 
 logger = logging.getLogger(__name__)
-
-
-def _vision_dispatcher():
-    """Our kernel-backed Linear dispatcher, when the layer module is present."""
-    try:
-        from .layer import dispatch_vision_lora
-    except ImportError:  # pragma: no cover - the layer ships with the package
-        return None
-    return dispatch_vision_lora
 
 
 class VisionLoraModel(LoraModel):
@@ -84,11 +76,11 @@ class VisionLoraModel(LoraModel):
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
-        dispatch = _vision_dispatcher()
-        if dispatch is not None:
-            new_module = dispatch(target, adapter_name, config=lora_config, **kwargs)
-            if new_module is not None:
-                return new_module
+        # Ours first: it takes only plain nn.Linear bases and returns None for the rest (bnb, GPTQ, Conv1D, ...),
+        # which PEFT's own dispatcher chain then handles. Decided once here, never mid-forward.
+        new_module = dispatch_vision_lora(target, adapter_name, config=lora_config, **kwargs)
+        if new_module is not None:
+            return new_module
         return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
 
 

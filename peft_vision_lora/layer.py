@@ -1,0 +1,178 @@
+"""`VisionLoraLinear`: PEFT's LoRA `Linear` whose plain-LoRA forward runs the fused kernels.
+
+Everything PEFT's layer does (adapter names `lora_A.<adapter>.weight`, several adapters, `set_adapter`,
+`disable_adapters`, merge/unmerge, DoRA and other variants, mixed-adapter batches) is inherited unchanged. Only the
+common training case, one plain LoRA adapter on an `nn.Linear`, takes the fused path; everything else falls back to
+`peft.tuners.lora.layer.Linear.forward`, so the fallback is also the reference. `kernel_path` says which path a layer
+takes and `fallback_reason` why, for `explain` reports.
+
+Dtypes: the fused path needs `x` in the base weight's dtype (as `nn.Linear` does) and computes the LoRA branch in
+that dtype with the adapter weights cast to it (autograd casts their gradients back). Under autocast everything is
+cast to the autocast dtype first. PEFT instead runs the branch in the adapter dtype; in fp32 the two agree to
+rounding, in bf16 with fp32 adapters the branch is rounded to bf16 one step earlier.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .kernels.dispatch import KERNELS, TRITON_AVAILABLE, lora_linear, resolve_kernel
+
+KERNEL_PATHS = ("triton", "torch-fused", "peft", "triton-unavailable")  # values of `kernel_path`
+
+
+class VisionLoraLinear(LoraLinear):
+    """LoRA Linear with a fused forward/backward (`kernel` from the adapter's config: auto, triton or torch)."""
+
+    # per-adapter kernel choice; listed here so PEFT's delete_adapter/bookkeeping treat it like `r` or `scaling`
+    other_param_names = LoraLinear.other_param_names + ("lora_kernel",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: Any,
+        r: int = 0,
+        lora_alpha: int = 1,
+        is_target_conv_1d_layer: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.lora_kernel: dict[str, str] = {}  # filled by update_layer, which PEFT's __init__ calls
+        super().__init__(
+            base_layer,
+            adapter_name,
+            config=config,
+            r=r,
+            lora_alpha=lora_alpha,
+            is_target_conv_1d_layer=is_target_conv_1d_layer,
+            **kwargs,
+        )
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        kernel = getattr(config, "kernel", "auto")  # a plain LoraConfig has no `kernel`: auto
+        if kernel not in KERNELS:
+            raise ValueError(f"Unknown kernel {kernel!r}; supported values are {', '.join(map(repr, KERNELS))}.")
+        if kernel == "triton" and not TRITON_AVAILABLE:
+            raise ValueError(
+                "kernel='triton' needs the `triton` package: `pip install 'peft-vision-lora[triton]'`, "
+                "or use kernel='auto'."
+            )
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.lora_kernel[adapter_name] = kernel
+
+    # ------------------------------------------------------------------------------------------------------------
+    # which path
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _lora_adapters_in_use(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.lora_A]
+
+    def fallback_reason(self) -> str | None:
+        """Why the next forward would take PEFT's path, or None when it takes the fused one (input aside)."""
+        if self.disable_adapters:
+            return "adapters are disabled"
+        if self.merged:
+            return "adapter weights are merged into the base layer"
+        adapters = self._lora_adapters_in_use()
+        if len(adapters) != 1:
+            return f"{len(adapters)} active adapters on this layer (the fused path runs exactly one)"
+        adapter = adapters[0]
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or "forward" in vars(base) or hasattr(base, "_hf_hook"):
+            return f"base layer is {type(base).__name__} with a custom forward, not a plain nn.Linear"
+        if base._forward_hooks or base._forward_pre_hooks:
+            return "base layer has forward hooks"
+        if adapter in self.lora_variant or self.use_dora.get(adapter, False):
+            return f"adapter {adapter!r} is a LoRA variant ({type(self.lora_variant.get(adapter)).__name__})"
+        if self.lora_bias.get(adapter, False):
+            return "lora_bias=True"
+        if self.fan_in_fan_out:
+            return "fan_in_fan_out=True"
+        if type(self.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+            return f"custom dropout module {type(self.lora_dropout[adapter]).__name__}"
+        return None
+
+    @property
+    def kernel_path(self) -> str:
+        """'triton', 'torch-fused' or 'peft' for inputs on the base weight's device; 'triton-unavailable' if the
+        adapter asks for kernel='triton' where it cannot run (the forward would raise)."""
+        if self.fallback_reason() is not None:
+            return "peft"
+        adapter = self._lora_adapters_in_use()[0]
+        try:
+            backend = resolve_kernel(self.lora_kernel.get(adapter, "auto"), self.get_base_layer().weight.device)
+        except ValueError:
+            return "triton-unavailable"
+        return "triton" if backend == "triton" else "torch-fused"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        extra_inputs = args or any(value is not None for value in kwargs.values())  # mixed batch, aLoRA offsets...
+        base = self.get_base_layer()
+        if extra_inputs or self.fallback_reason() is not None or x.dtype != base.weight.dtype:
+            return super().forward(x, *args, **kwargs)
+
+        adapter = self._lora_adapters_in_use()[0]
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        operands = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # do autocast's casts up front (autograd-tracked) and run the fused function without it
+            dtype = torch.get_autocast_dtype(device_type)
+            operands = tuple(t.to(dtype) if t is not None else None for t in operands)
+            with torch.autocast(device_type, enabled=False):
+                return self._fused(adapter, operands, p, dropout.training)
+        return self._fused(adapter, operands, p, dropout.training)
+
+    def _fused(self, adapter: str, operands: tuple, p: float, training: bool) -> torch.Tensor:
+        x, weight, bias, lora_A, lora_B = operands
+        # adapters may be kept in another dtype (PEFT upcasts them to fp32 by default): compute in x's dtype
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        kernel = self.lora_kernel.get(adapter, "auto")
+        return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling[adapter], p, training, kernel=kernel)
+
+    def __repr__(self) -> str:
+        return "vision_" + super().__repr__()
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An exact `nn.Linear` with an ordinary weight: not a quantized/bnb subclass, not a tensor-subclass weight."""
+    if type(module) is not nn.Linear:
+        return False
+    return type(module.weight) in (nn.Parameter, torch.Tensor)
+
+
+def dispatch_vision_lora(
+    target: nn.Module, adapter_name: str, config: Any, parameter_name: str | None = None, **kwargs: Any
+) -> nn.Module | None:
+    """PEFT dispatcher (first non-None wins): a `VisionLoraLinear` for a plain `nn.Linear`, else None.
+
+    Mirrors the Linear branch of PEFT's `dispatch_default`; put it before that one in `_create_new_module`'s chain.
+    Subclasses (bitsandbytes, Llama4's tuple-returning router), tensor-subclass weights (torchao, DTensor) and
+    `target_parameters` targets are left to PEFT's own dispatchers.
+    """
+    if parameter_name is not None:
+        return None
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not _plain_linear(base):
+        return None
+    custom_modules = getattr(config, "_custom_modules", None) or {}
+    if any(isinstance(base, key) for key in custom_modules):  # the user's own LoRA layer for nn.Linear wins
+        return None
+    if config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out=True but the target module is `torch.nn.Linear`; setting fan_in_fan_out to False.",
+            stacklevel=2,
+        )
+        config.fan_in_fan_out = False
+    return VisionLoraLinear(target, adapter_name, config=config, **kwargs)

@@ -1,0 +1,308 @@
+"""LoRA Linear kernels against the textbook reference: forward, dx, dA, dB, dropout, dispatch.
+
+Without CUDA the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels are
+built), which is exact for fp32/fp16 but wrong for bf16: bf16 tests need a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py sets it before triton's first import
+
+from peft_vision_lora.kernels import dispatch, dropout_mask, lora_linear, lora_linear_naive, lora_linear_torch  # noqa: E402
+from peft_vision_lora.kernels.dispatch import resolve_kernel, triton_runs_on  # noqa: E402
+from peft_vision_lora.kernels.reference import TorchLoraLinearFunction  # noqa: E402
+
+triton_lora = dispatch.triton_lora
+_TRITON_RUNS = triton_lora is not None and (torch.cuda.is_available() or triton_lora.INTERPRETED)
+needs_triton = pytest.mark.skipif(
+    not _TRITON_RUNS, reason="triton missing, or imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton needs a GPU (interpreter is wrong)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (x shape, out_features): odd sizes exercise every masked edge; 3-D inputs are flattened and restored
+SHAPES = [((9, 41), 341), ((64, 128), 96), ((2, 7, 33), 50), ((1, 1), 3)]
+TRITON_SHAPES = [((9, 41), 34), ((2, 5, 48), 20), ((64, 96), 80)]  # the interpreter is slow: keep them small
+TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
+
+
+def _operands(x_shape, out_features, rank, dtype, bias, seed=0):
+    """Inputs whose LoRA term is O(1) (B is not zero-initialised), so a wrong LoRA gradient cannot hide."""
+    gen = torch.Generator().manual_seed(seed)
+    in_features = x_shape[-1]
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+    x = rand(*x_shape).requires_grad_(True)
+    weight = rand(out_features, in_features, scale=in_features**-0.5)
+    b = rand(out_features) if bias else None
+    lora_A = rand(rank, in_features, scale=in_features**-0.5).requires_grad_(True)
+    lora_B = rand(out_features, rank, scale=rank**-0.5).requires_grad_(True)
+    grad_out = rand(*x_shape[:-1], out_features)
+    return x, weight, b, lora_A, lora_B, grad_out
+
+
+def _run(fn, operands, **kwargs):
+    """Forward + backward; returns (y, dx, dA, dB) and clears the grads for the next run."""
+    x, weight, bias, lora_A, lora_B, grad_out = operands
+    y = fn(x, weight, bias, lora_A, lora_B, 0.5, **kwargs)
+    y.backward(grad_out)
+    grads = [t.grad.clone() for t in (x, lora_A, lora_B)]
+    for t in (x, lora_A, lora_B):
+        t.grad = None
+    return [y.detach(), *grads]
+
+
+def _upcast(operands):
+    """The same operands in fp32, as fresh leaves: the reference is computed without fp16 rounding noise."""
+    x, weight, bias, lora_A, lora_B, grad_out = (t.detach().float() if t is not None else None for t in operands)
+    return x.requires_grad_(True), weight, bias, lora_A.requires_grad_(True), lora_B.requires_grad_(True), grad_out
+
+
+def _assert_all_close(actual, expected, dtype):
+    """Tolerances relative to each tensor's scale: dA sums over all tokens and reaches ~100 in these tests."""
+    for name, a, e in zip(("y", "dx", "dA", "dB"), actual, expected):
+        assert a.shape == e.shape, name
+        tol = TOLERANCE[dtype]
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(
+            a.float(), e.float(), atol=tol["atol"] * scale, rtol=tol["rtol"], msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _check_fused(fused, make_mask, x_shape, out_features, rank, dtype, bias, dropout):
+    operands = _operands(x_shape, out_features, rank, dtype, bias)
+    seed = 1234
+    actual = _run(fused, operands, dropout_p=dropout, training=True, seed=seed)
+    flat = (operands[0][..., 0].numel(), x_shape[-1])
+    mask = make_mask(seed, flat, dropout, DEVICE, torch.float32) if dropout > 0 else None
+    expected = _run(lora_linear_naive, _upcast(operands), dropout_p=dropout, training=True, mask=mask)
+    _assert_all_close(actual, expected, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch fused path vs. naive reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [1, 4, 16])
+@pytest.mark.parametrize("x_shape, out_features", SHAPES)
+def test_torch_fused_matches_naive(x_shape, out_features, rank, dtype, bias, dropout):
+    _check_fused(lora_linear_torch, dropout_mask, x_shape, out_features, rank, dtype, bias, dropout)
+
+
+def test_torch_fused_unfrozen_base_gets_plain_gradients():
+    x, weight, bias, lora_A, lora_B, grad_out = _operands((2, 5, 24), 16, 4, torch.float32, True)
+    grads = []
+    for fn in (lora_linear_torch, lora_linear_naive):
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        fn(x, w, b, lora_A, lora_B, 0.5).backward(grad_out)
+        grads.append((w.grad, b.grad, x.grad.clone()))
+        x.grad = None
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_torch_fused_saves_no_mask_and_no_output_sized_temporaries():
+    x, weight, bias, lora_A, lora_B, _ = _operands((32, 48), 40, 4, torch.float32, True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear_torch(x, weight, bias, lora_A, lora_B, 0.5, dropout_p=0.3, training=True)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert all(t.data_ptr() in (x.data_ptr(), weight.data_ptr()) for t in big), [tuple(t.shape) for t in big]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU) vs. naive reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [1, 16])
+@pytest.mark.parametrize("x_shape, out_features", TRITON_SHAPES)
+def test_triton_matches_naive(x_shape, out_features, rank, dtype, bias, dropout):
+    fused, make_mask = triton_lora.lora_linear_triton, triton_lora.triton_dropout_mask
+    _check_fused(fused, make_mask, x_shape, out_features, rank, dtype, bias, dropout)
+
+
+@needs_triton
+def test_triton_matches_torch_path_without_dropout():
+    operands = _operands((3, 11, 40), 24, 8, torch.float32, True)
+    _assert_all_close(_run(triton_lora.lora_linear_triton, operands), _run(lora_linear_torch, operands), torch.float32)
+
+
+@needs_triton
+@needs_cuda
+@pytest.mark.parametrize("x_shape, out_features", [((512, 1024), 768), ((3, 100, 257), 130)])
+def test_triton_bf16_error_within_twice_torch_bf16(x_shape, out_features):
+    """bf16 has no exact answer: the kernel's error vs. fp32 must be at most ~2x torch-bf16's error vs. fp32."""
+    reference = _run(lora_linear_naive, _operands(x_shape, out_features, 16, torch.float32, True))
+    errors = {}
+    for name, fn in (("torch", lora_linear_torch), ("triton", triton_lora.lora_linear_triton)):
+        result = _run(fn, _operands(x_shape, out_features, 16, torch.bfloat16, True))
+        errors[name] = [(r.float() - e).abs().max().item() for r, e in zip(result, reference)]
+    for name, torch_err, kernel_err in zip(("y", "dx", "dA", "dB"), errors["torch"], errors["triton"]):
+        assert kernel_err <= 2 * torch_err + 1e-3, f"{name}: triton {kernel_err} vs torch-bf16 {torch_err}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property tests: random shapes, ranks, dtypes, dropout, bias
+# ---------------------------------------------------------------------------------------------------------------
+
+_CASES = st.tuples(
+    st.lists(st.integers(1, 6), min_size=0, max_size=2),  # leading dims of x
+    st.integers(1, 70),  # in_features
+    st.integers(1, 70),  # out_features
+    st.integers(1, 20),  # rank
+    st.sampled_from([torch.float32, torch.float16]),
+    st.booleans(),  # bias
+    st.sampled_from([0.0, 0.25]),  # dropout
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=_CASES)
+def test_property_torch_fused_matches_naive(case):
+    lead, in_features, out_features, rank, dtype, bias, dropout = case
+    _check_fused(lora_linear_torch, dropout_mask, (*lead, in_features), out_features, rank, dtype, bias, dropout)
+
+
+@needs_triton
+@settings(max_examples=8, deadline=None)
+@given(case=_CASES)
+def test_property_triton_matches_naive(case):
+    lead, in_features, out_features, rank, dtype, bias, dropout = case
+    fused, mask = triton_lora.lora_linear_triton, triton_lora.triton_dropout_mask
+    _check_fused(fused, mask, (*lead, in_features), out_features, rank, dtype, bias, dropout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mask_makers():
+    makers = [pytest.param(dropout_mask, (512, 1024), id="torch")]
+    if _TRITON_RUNS:
+        makers.append(pytest.param(triton_lora.triton_dropout_mask, (96, 256), id="triton"))
+    return makers
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("make_mask, shape", _mask_makers())
+def test_dropout_mask_is_seeded_and_keeps_one_minus_p(make_mask, shape, p):
+    mask = make_mask(7, shape, p, DEVICE)
+    assert torch.equal(mask, make_mask(7, shape, p, DEVICE))  # same seed, same mask (what backward relies on)
+    assert not torch.equal(mask, make_mask(8, shape, p, DEVICE))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    keep = mask.mean().item()
+    assert abs(keep - (1 - p)) < 4 * ((p * (1 - p)) / mask.numel()) ** 0.5 + 1e-4, keep
+
+
+@pytest.mark.parametrize("fused", [lora_linear_torch] + ([triton_lora.lora_linear_triton] if _TRITON_RUNS else []))
+def test_dropout_applies_in_training_only_and_follows_the_global_seed(fused):
+    x, weight, bias, lora_A, lora_B, _ = _operands((16, 32), 24, 4, torch.float32, True)
+    args = (x, weight, bias, lora_A, lora_B, 0.5)
+    no_dropout = lora_linear_naive(*args)
+    torch.testing.assert_close(fused(*args, dropout_p=0.5, training=False), no_dropout)  # eval: none applied
+    torch.manual_seed(3)
+    first = fused(*args, dropout_p=0.5, training=True)
+    torch.manual_seed(3)
+    torch.testing.assert_close(fused(*args, dropout_p=0.5, training=True), first)  # reproducible
+    assert not torch.allclose(first, no_dropout)
+    assert not torch.allclose(fused(*args, dropout_p=0.5, training=True), first)  # fresh mask per call
+
+
+def test_dropout_backward_regenerates_the_forward_mask():
+    """Call the Function directly with one seed; grads match the naive path only if backward rebuilt that mask."""
+    x, weight, bias, lora_A, lora_B, grad_out = _operands((10, 40), 12, 3, torch.float32, False)
+    y = TorchLoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, 0.5, 0.4, 99)
+    y.backward(grad_out)
+    actual = (x.grad, lora_A.grad)
+    x.grad = lora_A.grad = None
+    mask = dropout_mask(99, (10, 40), 0.4, DEVICE)
+    lora_linear_naive(x, weight, bias, lora_A, lora_B, 0.5, 0.4, True, mask=mask).backward(grad_out)
+    torch.testing.assert_close(actual, (x.grad, lora_A.grad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_kernel_choices(monkeypatch):
+    assert resolve_kernel("torch", "cpu") == "torch"
+    assert resolve_kernel("auto", "cpu") == "torch"  # never the interpreter by default
+    with pytest.raises(ValueError, match="'auto', 'triton', 'torch'"):
+        resolve_kernel("cuda-graphs", "cpu")
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", False)
+    assert resolve_kernel("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="pip install"):
+        resolve_kernel("triton", "cuda")
+
+
+@needs_triton
+def test_resolve_kernel_triton(monkeypatch):
+    assert resolve_kernel("auto", "cuda") == "triton"
+    assert resolve_kernel("triton", "cuda") == "triton"
+    if triton_lora.INTERPRETED:
+        assert resolve_kernel("triton", "cpu") == "triton"
+    monkeypatch.setattr(triton_lora, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        resolve_kernel("triton", "cpu")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch"] + (["triton"] if _TRITON_RUNS else []))
+def test_lora_linear_dispatches_to_the_same_numbers(kernel):
+    operands = _operands((4, 6, 32), 20, 4, torch.float32, True)
+    _assert_all_close(_run(lora_linear, operands, kernel=kernel), _run(lora_linear_naive, operands), torch.float32)
+
+
+def test_mixed_dtypes_are_rejected_with_a_clear_message():
+    x, weight, bias, lora_A, lora_B, _ = _operands((4, 8), 8, 2, torch.float32, True)
+    with pytest.raises(TypeError, match="lora_A"):
+        lora_linear_torch(x, weight, bias, lora_A.double(), lora_B, 1.0)
+
+
+@pytest.mark.parametrize("fused", [lora_linear_torch] + ([triton_lora.lora_linear_triton] if _TRITON_RUNS else []))
+def test_bad_dropout_and_empty_inputs(fused):
+    x, weight, bias, lora_A, lora_B, _ = _operands((4, 8), 8, 2, torch.float32, True)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        fused(x, weight, bias, lora_A, lora_B, 1.0, dropout_p=1.0, training=True)
+    empty = torch.zeros(0, 3, 8, requires_grad=True)
+    y = fused(empty, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.1, training=True)
+    y.sum().backward()
+    assert y.shape == (0, 3, 8) and lora_A.grad is not None and not lora_A.grad.any()
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_output_can_be_modified_in_place(kernel):
+    # Llama 4's MoE adds into a projection's output in place; a view returned by a custom Function forbids that.
+    if kernel == "triton" and not triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton interpreter not active")
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    weight, lora_a, lora_b = torch.randn(8, 12), torch.randn(3, 12, requires_grad=True), torch.randn(8, 3)
+    y = lora_linear(x, weight, None, lora_a, lora_b, 0.5, kernel=kernel)
+    y.add_(1.0)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref = lora_a.detach().clone().requires_grad_(True)
+    (lora_linear_naive(x_ref, weight, None, a_ref, lora_b, 0.5) + 1.0).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(lora_a.grad, a_ref.grad)
