@@ -306,3 +306,25 @@ def test_output_can_be_modified_in_place(kernel):
     (lora_linear_naive(x_ref, weight, None, a_ref, lora_b, 0.5) + 1.0).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(lora_a.grad, a_ref.grad)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_input_without_grad_still_trains_the_adapter(kernel, dropout):
+    # The first layer of a frozen tower sees inputs that need no gradient: only dA and dB are asked for.
+    if kernel == "triton" and not triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton interpreter not active")
+    torch.manual_seed(0)
+    x = torch.randn(7, 12)
+    weight, lora_b = torch.randn(8, 12), torch.randn(8, 3, requires_grad=True)
+    lora_a = torch.randn(3, 12, requires_grad=True)
+    lora_linear(x, weight, None, lora_a, lora_b, 0.5, dropout, training=True, kernel=kernel, seed=5).sum().backward()
+    mask = dropout_mask(5, x.shape, dropout, x.device) if kernel == "torch" and dropout else None
+    a_ref, b_ref = lora_a.detach().clone().requires_grad_(True), lora_b.detach().clone().requires_grad_(True)
+    if dropout and kernel == "triton":  # the Triton mask comes from Philox: compare against its own regenerated mask
+        from peft_vision_lora.kernels.triton_lora import triton_dropout_mask
+
+        mask = triton_dropout_mask(5, x.shape, dropout, x.device)
+    lora_linear_naive(x, weight, None, a_ref, b_ref, 0.5, dropout, training=True, mask=mask).sum().backward()
+    torch.testing.assert_close(lora_a.grad, a_ref.grad)
+    torch.testing.assert_close(lora_b.grad, b_ref.grad)

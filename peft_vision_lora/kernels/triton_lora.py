@@ -386,7 +386,7 @@ def lora_linear_backward(
     if need_x or need_a:
         dt = torch.mm(dy, lora_B).mul_(s / (1.0 - p))  # dt = s/(1-p) * dy B: (M, R)
         if need_a:
-            grad_a = lora_grad_a_backward(dt, x2d, seed, p, lora_A.dtype)  # (R, K)
+            grad_a = lora_grad_a_backward(dt, x2d, seed, p, x2d.dtype)  # (R, K); lora_A is saved only for dx
         if need_x:
             grad_x = lora_dx_backward(dy, weight, dt, lora_A, seed, p).view(x_shape)  # (M, K) -> x's shape
     if need_w:
