@@ -136,6 +136,22 @@ def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
     return tracker.peak / 2**20
 
 
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each step, run round-robin so that drift and a busy neighbour hit every case."""
+    times: dict[str, list[float]] = {case: [] for case in steps}
+    for round_index in range(warmup + repeats):
+        for case, step in steps.items():  # interleaved: every round runs every case once
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            if round_index >= warmup:
+                times[case].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -153,15 +169,7 @@ def run_shape(name: str, args: argparse.Namespace, device: torch.device) -> list
     dtype = DTYPES[args.dtype]
     cases, x, dy = _make_cases(SHAPES[name], dtype, args.dropout, device)
     steps = {case: _step_fn(layer, x, dy) for case, layer in cases.items()}
-    times: dict[str, list[float]] = {case: [] for case in steps}
-    for round_index in range(args.warmup + args.repeats):
-        for case, step in steps.items():  # interleaved: every round runs every case once
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if round_index >= args.warmup:
-                times[case].append((time.perf_counter() - start) * 1e3)
+    times = time_interleaved(steps, args.warmup, args.repeats, device)
     rows = []
     for case, step in steps.items():
         rows.append(

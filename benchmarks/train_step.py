@@ -17,7 +17,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_linear import _machine, _peak_mb, _sync, append_csv  # noqa: E402
+from lora_linear import _machine, _peak_mb, append_csv, time_interleaved  # noqa: E402
 
 from peft_vision_lora import VisionLoraConfig  # noqa: E402
 from peft_vision_lora.kernels import TRITON_AVAILABLE  # noqa: E402
@@ -96,15 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = tiny_inputs(next(iter(cases.values())), batch_size=args.batch, seq_len=args.seq, seed=0)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     steps = {name: step_fn(model, batch) for name, model in cases.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(args.warmup + args.repeats):
-        for name, step in steps.items():  # interleaved: every round runs every case once
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if round_index >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+    times = time_interleaved(steps, args.warmup, args.repeats, device)
     rows = [
         {
             "machine": _machine(device),
