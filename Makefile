@@ -28,8 +28,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff format --check peft_vision_lora tests examples benchmarks scripts
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff format peft_vision_lora tests examples benchmarks scripts
 	$(VENV)/bin/ruff check --fix .
