@@ -16,6 +16,13 @@ from .report import StrategyRow, print_strategy_report, strategy_report
 from .saving import AdapterLoadError, push_adapter_to_hub, save_adapter
 from .sharding import fsdp_block_class_names, save_gathered_adapter
 from .targets import TargetPlan, compile_targets
+from .training import (
+    ComponentLRMixin,
+    VisionLoraTrainer,
+    component_param_groups,
+    create_optimizer,
+    enable_gradient_checkpointing,
+)
 
 register_vision_lora()
 
@@ -25,6 +32,7 @@ __all__ = [
     "COMPONENTS",
     "TASK_PRESETS",
     "AdapterLoadError",
+    "ComponentLRMixin",
     "ComponentMap",
     "ComponentResolutionError",
     "ExplainRow",
@@ -33,7 +41,11 @@ __all__ = [
     "VisionLoraConfig",
     "VisionLoraConfigError",
     "VisionLoraModel",
+    "VisionLoraTrainer",
     "compile_targets",
+    "component_param_groups",
+    "create_optimizer",
+    "enable_gradient_checkpointing",
     "explain",
     "export_lora",
     "fsdp_block_class_names",
