@@ -165,6 +165,32 @@ class TorchLoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_a, grad_bb, None, None, None
 
 
+def apply_lora_function(
+    function: type[torch.autograd.Function],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    seed: int | None,
+) -> torch.Tensor:
+    """Validate, draw a dropout seed if needed, and run a fused LoRA ``function`` on ``x`` of shape (..., in)."""
+    _check_dtypes(x, weight, bias, lora_A, lora_B)
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}.")
+    if p > 0.0 and seed is None:
+        seed = new_dropout_seed()
+    # Reshape outside the Function: a view returned from a custom Function cannot be modified in place later
+    # (Llama 4's MoE does `out.add_(...)` on a projection's output); a view made here is ordinary autograd.
+    x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+    y = function.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed or 0)  # (N, out)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def lora_linear_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -177,17 +203,9 @@ def lora_linear_torch(
     seed: int | None = None,
 ) -> torch.Tensor:
     """Fused LoRA Linear on any device; `x` is (..., in). Draws a dropout seed unless one is given."""
-    _check_dtypes(x, weight, bias, lora_A, lora_B)
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}.")
-    if p > 0.0 and seed is None:
-        seed = new_dropout_seed()
-    # Reshape outside the Function: a view returned from a custom Function cannot be modified in place later
-    # (Llama 4's MoE does `out.add_(...)` on a projection's output); a view made here is ordinary autograd.
-    x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = TorchLoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed or 0)  # (N, out)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return apply_lora_function(
+        TorchLoraLinearFunction, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed
+    )
 
 
 def _check_dtypes(x: torch.Tensor, *tensors: torch.Tensor | None) -> None:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _check_dtypes, lora_linear_torch, new_dropout_seed
+from .reference import apply_lora_function, lora_linear_torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -450,15 +450,8 @@ def lora_linear_triton(
     seed: int | None = None,
 ) -> torch.Tensor:
     """Fused LoRA Linear through the Triton kernels; `x` is (..., in). Draws a dropout seed unless one is given."""
-    _check_dtypes(x, weight, bias, lora_A, lora_B)
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}.")
     if x.numel() == 0:  # no tokens: nothing to launch
         return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)
-    if p > 0.0 and seed is None:
-        seed = new_dropout_seed()
-    # Reshape outside the Function so that callers may modify the result in place (see lora_linear_torch).
-    x2d = x.reshape(-1, x.shape[-1])  # (M, K)
-    y = TritonLoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed or 0)  # (M, N)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return apply_lora_function(
+        TritonLoraLinearFunction, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed
+    )
