@@ -43,6 +43,12 @@ class VisionLoraConfigError(ValueError):
     """A VisionLoraConfig that cannot be honoured; still a ``ValueError`` for callers that catch that."""
 
 
+def _check_known_components(field_name: str, mapping: dict) -> None:
+    unknown = sorted(set(mapping) - set(COMPONENTS))
+    if unknown:
+        raise VisionLoraConfigError(f"Unknown component(s) {unknown} in `{field_name}`; components are {COMPONENTS}.")
+
+
 @dataclass
 class VisionLoraConfig(LoraConfig):
     """LoRA for vision-language models, configured by component.
@@ -178,11 +184,7 @@ class VisionLoraConfig(LoraConfig):
         if self.kernel not in KERNELS:
             raise VisionLoraConfigError(f"Unknown kernel {self.kernel!r}; supported: {KERNELS}.")
         for name, mapping in (("component_r", self.component_r), ("component_alpha", self.component_alpha)):
-            unknown = sorted(set(mapping) - set(COMPONENTS))
-            if unknown:
-                raise VisionLoraConfigError(
-                    f"Unknown component(s) {unknown} in `{name}`; components are {COMPONENTS}."
-                )
+            _check_known_components(name, mapping)
             bad = {k: v for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
             if bad and name == "component_r":
                 raise VisionLoraConfigError(f"Ranks in `component_r` must be positive integers, got {bad}.")
@@ -202,11 +204,7 @@ class VisionLoraConfig(LoraConfig):
             raise VisionLoraConfigError(
                 f"`component_layers` must be a dict like {{'vision': [-2, -1]}}, got {self.component_layers!r}."
             )
-        unknown = sorted(set(self.component_layers) - set(COMPONENTS))
-        if unknown:
-            raise VisionLoraConfigError(
-                f"Unknown component(s) {unknown} in `component_layers`; components are {COMPONENTS}."
-            )
+        _check_known_components("component_layers", self.component_layers)
         for component, layers in self.component_layers.items():
             values = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
             if not isinstance(values, (list, tuple, range)) or not values:
