@@ -82,6 +82,34 @@ def lora_linear_naive(
     return result + F.linear(F.linear(dropped, lora_A), lora_B) * scaling
 
 
+def save_lora_context(
+    ctx: Any,
+    x: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> None:
+    """Save for backward only what the requested gradients read (both fused Functions share this rule).
+
+    dx reads W, A and B; dA reads x and B; dB reads t; dW reads x. The dropout mask is never saved: backward
+    regenerates it from ``seed``.
+    """
+    need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
+    ctx.save_for_backward(
+        x2d if (need_w or need_a) else None,
+        weight if need_x else None,
+        lora_A if need_x else None,
+        lora_B if (need_x or need_a) else None,
+        t if need_bb else None,
+    )
+    ctx.x_shape, ctx.scaling, ctx.dropout_p, ctx.seed = x.shape, scaling, dropout_p, seed
+
+
 class TorchLoraLinearFunction(torch.autograd.Function):
     """`y = x W^T + b + s * dropout(x) A^T B^T` with a hand-written backward.
 
@@ -114,19 +142,8 @@ class TorchLoraLinearFunction(torch.autograd.Function):
             t = x2d.mm(lora_A.t())  # (N, r)
         y.addmm_(t, lora_B.t(), alpha=scaling)  # y += s * t B^T in place: no (N, out) temporary
 
-        need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(
-            x2d if (need_w or need_a) else None,
-            weight if need_x else None,
-            lora_A if need_x else None,
-            lora_B if (need_x or need_a) else None,
-            t if need_bb else None,
-        )
-        ctx.x_shape = x.shape
+        save_lora_context(ctx, x, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
         ctx.in_features = in_features
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        ctx.seed = seed
         # y itself for 2-D x (what lora_linear_torch passes): a Function's view output can't be modified in place
         return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
 

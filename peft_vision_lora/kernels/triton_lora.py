@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import apply_lora_function, lora_linear_torch
+from .reference import apply_lora_function, lora_linear_torch, save_lora_context
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -417,15 +417,7 @@ class TritonLoraLinearFunction(torch.autograd.Function):
         seed: int,
     ) -> torch.Tensor:
         y, x2d, t = lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        need_x, need_w, _, need_a, need_bb = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(
-            x2d if (need_w or need_a) else None,
-            weight if need_x else None,
-            lora_A if need_x else None,
-            lora_B if (need_x or need_a) else None,
-            t if need_bb else None,
-        )
-        ctx.x_shape, ctx.scaling, ctx.dropout_p, ctx.seed = x.shape, scaling, dropout_p, seed
+        save_lora_context(ctx, x, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
         return y
 
     @staticmethod
