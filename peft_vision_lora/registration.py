@@ -3,8 +3,12 @@
 PEFT 0.21 has no plugin hook: ``register_peft_method`` refuses any name that is not already a member of its
 ``PeftType`` enum. ``PeftType`` is a plain ``str`` enum, so we add the one member with ``aenum.extend_enum`` (the
 maintained way to extend a stdlib enum); lookup by name and by value, pickling, deep copies and JSON all keep
-working, and the serialised value is the string ``"VISION_LORA"``. Nothing in PEFT is patched or copied: once the
-member exists, PEFT's public registration fills its mappings as it does for its built-in tuners.
+working, and the serialised value is the string ``"VISION_LORA"``. Nothing of the tuner machinery is patched or
+copied: once the member exists, PEFT's public registration fills its mappings as it does for its built-in tuners.
+
+Registration also wraps three ``PeftModel`` methods (``save_pretrained``, ``push_to_hub``,
+``create_or_update_model_card``) for models that hold a ``VISION_LORA`` adapter: atomic saves and our model card on
+the Hub; see :mod:`peft_vision_lora.peft_model_hooks` for why and how other tuners stay untouched.
 
 Registration lives in the importing interpreter only. A process that loads a saved ``VISION_LORA`` adapter must
 ``import peft_vision_lora`` first; without it PEFT fails with ``KeyError: 'VISION_LORA'``.
@@ -43,11 +47,13 @@ def register_vision_lora() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import register_peft_method
 
+    from . import peft_model_hooks
     from .config import VisionLoraConfig
     from .model import VisionLoraModel
 
     peft_type = ensure_peft_type()
     _join_lora_only_tables(peft_type)
+    peft_model_hooks.install()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is VisionLoraConfig:
         return
     register_peft_method(name=METHOD_NAME, config_cls=VisionLoraConfig, model_cls=VisionLoraModel, prefix=PREFIX)

@@ -1,9 +1,12 @@
 """Save adapters atomically, load them strictly, and push them to the Hub with their model card.
 
-Atomic saves: ``save_adapter`` lets PEFT write into a temporary folder next to the target and then swaps the folders
-in one ``renameat2(RENAME_EXCHANGE)`` (Linux); a save killed midway leaves the previous adapter untouched. Files of
-the target that the new save does not produce (a tokenizer, checkpoints) are hard-linked into the new folder first,
-so the swap loses nothing that an in-place ``save_pretrained`` would have kept.
+Atomic saves: ``save_pretrained`` of a model with a ``VISION_LORA`` adapter (see :mod:`.peft_model_hooks`) and
+``save_adapter`` let PEFT write into a temporary folder next to the target and then swap the folders in one
+``renameat2(RENAME_EXCHANGE)`` (Linux); a save killed midway leaves the previous adapter untouched. Files of the
+target that the new save does not produce (a tokenizer, checkpoints) are hard-linked into the new folder first, so
+the swap loses nothing that an in-place ``save_pretrained`` would have kept. Where a folder cannot be swapped whole
+(a symlink, a mount point, a read-only parent, other ranks of a distributed run writing into it) the files are
+staged inside it and each is renamed into place: never a half-written file, but no single switch-over either.
 
 Strict loading: ``VisionLoraModel._remap_adapter_state_dict_for_load`` (PEFT's per-tuner load hook) calls
 ``remap_and_check`` so that every adapter weight must land on a module of the model and every adapted module must
@@ -15,6 +18,7 @@ transformers' own checkpoint-conversion rules for the model, and the rename is l
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import logging
@@ -199,6 +203,10 @@ def _fsync_tree(root: Path) -> None:
             _fsync_dir(path)
 
 
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -206,13 +214,20 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _keep_untouched_entries(target: Path, staged: Path) -> None:
-    """Entries of the old folder the new save does not write (tokenizer, checkpoints) move along, as hard links."""
+def _keep_untouched_entries(target: Path, staged: Path, *, top: bool = True) -> None:
+    """Entries of the old folder the new save does not write (tokenizer, checkpoints) move along, as hard links.
+
+    Folders present in both are merged entry by entry, as an in-place save into them would have left them.
+    """
     for entry in target.iterdir():
         destination = staged / entry.name
-        if destination.exists() or entry.name.startswith(f".{target.name}."):
+        if top and entry.name.startswith(f".{target.name}."):
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        if destination.exists() or destination.is_symlink():
+            if _is_real_dir(entry) and _is_real_dir(destination):
+                _keep_untouched_entries(entry, destination, top=False)
+            continue
+        if _is_real_dir(entry):
             shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(str(entry), str(destination))
@@ -285,15 +300,123 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_STAGED_PREFIX = ".vision-lora-save-tmp-"
+# Published last, in this order: a loader that looks between two renames sees the new weights with the old config
+# (same ranks when re-saving a run) rather than a new config pointing at old weights.
+_PUBLISH_LAST = ("adapter_config.json", "README.md")
+
+
+def _publish_order(path: Path) -> tuple[int, str]:
+    return (_PUBLISH_LAST.index(path.name) + 1 if path.name in _PUBLISH_LAST else 0, path.as_posix())
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Delete staging folders that dead processes left inside ``target``."""
+    pattern = re.compile(rf"{re.escape(_STAGED_PREFIX)}(\d+)-")
+    for entry in target.iterdir():
+        match = pattern.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder inside ``target``; on a clean exit each file in it replaces its namesake in ``target``.
+
+    Each file appears complete or not at all (``os.replace``); unlike :func:`atomic_directory` the files switch
+    over one after another, weights before ``adapter_config.json`` and ``README.md``. Used where the folder itself
+    must stay where it is. On an exception nothing in ``target`` changes.
+    """
+    target = Path(target).absolute()
+    if target.is_file():
+        raise ValueError(f"{target} is a file; save the adapter to a folder path.")
+    target.resolve().mkdir(parents=True, exist_ok=True)  # resolved: a symlink to a folder not made yet
+    _remove_dead_staging(target)
+    staged = Path(tempfile.mkdtemp(prefix=f"{_STAGED_PREFIX}{os.getpid()}-", dir=target))
+    try:
+        yield staged
+        _fsync_tree(staged)
+        files = sorted((p for p in staged.rglob("*") if not p.is_dir()), key=_publish_order)
+        for path in files:
+            destination = target / path.relative_to(staged)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+        for folder in {(target / p.relative_to(staged)).parent for p in files}:
+            _fsync_dir(folder)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def whole_folder_swap_blocker(target: str | os.PathLike) -> str | None:
+    """Why ``target`` cannot be replaced by swapping folders, or None when it can."""
+    target = Path(target).absolute()
+    if target.is_symlink():
+        return "it is a symbolic link, which a swap would replace by a folder"
+    if target.is_dir() and os.path.ismount(target):
+        return "it is a mount point"
+    if target.parent.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
+        return "its parent folder is not writable"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return "other ranks of this distributed run may write into it at the same time"
+    return None
+
+
+_WRITING_STAGED: contextvars.ContextVar[bool] = contextvars.ContextVar("vision_lora_writing_staged", default=False)
+
+
+def writing_staged() -> bool:
+    """True inside :func:`writing_into_private_folder`: ``save_pretrained`` should write in place, unstaged."""
+    return _WRITING_STAGED.get()
+
+
+@contextlib.contextmanager
+def writing_into_private_folder() -> Iterator[None]:
+    """Saves in this block go to a folder nobody else reads yet (a staging or scratch folder): skip staging."""
+    token = _WRITING_STAGED.set(True)
+    try:
+        yield
+    finally:
+        _WRITING_STAGED.reset(token)
+
+
+def model_card_paths(model: nn.Module, selected_adapters: list[str] | None = None) -> list[str]:
+    """Where PEFT's ``save_pretrained`` keeps model cards, relative to the folder: it updates them, not replaces."""
+    names = selected_adapters if selected_adapters is not None else list(getattr(model, "peft_config", {}))
+    return ["README.md"] + [f"{name}/README.md" for name in names if name != "default"]
+
+
+@contextlib.contextmanager
+def atomic_save_folder(target: str | os.PathLike, *, updated_files: list[str] = ()) -> Iterator[Path]:
+    """The staging folder for a save to ``target``: swapped in whole where possible, else published file by file.
+
+    ``updated_files`` (relative paths) are files the save reads and rewrites, such as model cards that keep a user's
+    text: they are copied into the staging folder first (copied, never linked, so the old ones stay untouched).
+    """
+    blocker = whole_folder_swap_blocker(target)
+    if blocker is not None:
+        logger.info("Saving to %s file by file instead of swapping the folder: %s.", target, blocker)
+    publish = atomic_directory if blocker is None else atomic_files
+    with publish(target) as staged, writing_into_private_folder():
+        for relative in updated_files:
+            source = Path(target) / relative
+            if source.is_file():
+                (staged / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, staged / relative)
+        yield staged
+
+
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """``model.save_pretrained(save_directory, **save_kwargs)``, atomically: all adapter files appear at once.
+    """``model.save_pretrained(save_directory, **save_kwargs)``, atomically, for any PEFT model.
 
     The previous content of ``save_directory`` stays intact and loadable until the new save is complete, even if the
-    process is killed while writing. Returns the folder.
+    process is killed while writing. Models with a ``VISION_LORA`` adapter get the same from ``save_pretrained``
+    itself; this function extends it to other PEFT adapters. Returns the folder.
     """
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"save_adapter needs a PeftModel (with save_pretrained), got {type(model).__name__}.")
-    with atomic_directory(save_directory) as staged:
+    cards = model_card_paths(model, save_kwargs.get("selected_adapters"))
+    with atomic_save_folder(save_directory, updated_files=cards) as staged:
         model.save_pretrained(str(staged), **save_kwargs)
     return Path(save_directory)
 
@@ -303,38 +426,76 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, **save_kwa
 # ----------------------------------------------------------------------------------------------------------------
 
 
+DEFAULT_COMMIT_MESSAGE = "Upload adapter (peft-vision-lora)"
+
+
+def _existing_card(repo_id: str, token: str | bool | None) -> str | None:
+    """The repo's README.md, kept as transformers' ``push_to_hub`` keeps it; None for a repo without one."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return ModelCard.load(repo_id, token=token).content
+    except EntryNotFoundError:
+        return None
+
+
+def _add_tags(readme: Path, tags: list[str]) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(readme)
+    card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+    card.save(readme)
+
+
 def push_adapter_to_hub(
     model: nn.Module,
     repo_id: str,
     *,
-    commit_message: str = "Upload adapter (peft-vision-lora)",
+    commit_message: str | None = None,
+    commit_description: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    tags: list[str] | None = None,
     selected_adapters: list[str] | None = None,
 ):
     """Upload the adapter weights (safetensors only), ``adapter_config.json`` and the model card to ``repo_id``.
 
-    Unlike ``model.push_to_hub`` (transformers' mixin, which replaces README.md with a generic transformers card),
-    this uploads the card that ``save_pretrained`` writes, with loading instructions naming ``repo_id``. Returns
-    ``HfApi.create_commit``'s ``CommitInfo``.
+    What ``model.push_to_hub`` runs for models with a ``VISION_LORA`` adapter (transformers' own mixin would replace
+    README.md with a generic transformers card). The card is the one ``save_pretrained`` writes, with loading
+    instructions naming ``repo_id``; a card already on the Hub is updated, keeping text written outside our section.
+    Returns ``HfApi.create_commit``'s ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     from .card import write_model_card
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        try:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        except HfHubHTTPError as error:  # as transformers: no right to branch, but a PR may still be opened
+            if not (create_pr and error.response is not None and error.response.status_code == 403):
+                raise
+    existing_card = _existing_card(repo_id, token)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = save_adapter(
-            model, Path(scratch) / "adapter", safe_serialization=True, selected_adapters=selected_adapters
-        )
+        folder = Path(scratch)
+        if existing_card is not None:
+            (folder / "README.md").write_text(existing_card, encoding="utf-8")
+        with writing_into_private_folder():
+            model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=selected_adapters)
         for config_file in folder.rglob("adapter_config.json"):
             adapter_dir = config_file.parent
             name = adapter_dir.relative_to(folder).as_posix()
             adapter = model.peft_config["default" if name == "." else name]
             write_model_card(adapter_dir, adapter, repo_id=repo_id, subfolder=None if name == "." else name)
+        if tags:
+            for readme in folder.rglob("README.md"):
+                _add_tags(readme, list(tags))
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(HUB_FILE_SUFFIXES))
         operations = [
             CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
@@ -342,7 +503,8 @@ def push_adapter_to_hub(
         return api.create_commit(
             repo_id=repo_id,
             operations=operations,
-            commit_message=commit_message,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
         )

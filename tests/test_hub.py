@@ -1,10 +1,13 @@
 """Hub uploads, tested up to the network: what ``huggingface_hub.HfApi`` is handed, and that it loads back.
 
-The network is cut (offline mode) and the two ``HfApi`` calls that reach the Hub in an upload, ``create_repo`` and
-``create_commit``, are replaced by recorders that keep the bytes of every file in the commit.
+The network is cut (offline mode) and the ``HfApi`` calls that reach the Hub in an upload (``create_repo``,
+``create_branch``, ``create_commit``; ``upload_folder`` for the Trainer) are replaced by recorders that keep the
+bytes of every file in the commit. Reading the repo's existing card goes through ``hf_hub_download``,
+which offline finds nothing (a new repo) unless a test stands in for it.
 """
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -53,7 +56,23 @@ def hub(monkeypatch):
         commits.append({"repo_id": repo_id, "files": files, **kwargs})
         return SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
 
+    def create_branch(self, repo_id, *, branch, **kwargs):
+        commits.append({"create_branch": repo_id, "branch": branch, **kwargs})
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):  # the Trainer's upload
+        paths = [p for p in Path(folder_path).rglob("*") if p.is_file()]
+        commits.append(
+            {
+                "repo_id": repo_id,
+                "files": {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in paths},
+                **kwargs,
+            }
+        )
+        return SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     return commits
 
@@ -102,10 +121,17 @@ def _write(files: dict[str, bytes], folder):
     return folder
 
 
-def test_push_adapter_uploads_weights_config_and_card(hub, tmp_path):
+PUSHES = {
+    "model.push_to_hub": lambda model, repo_id, **kwargs: model.push_to_hub(repo_id, **kwargs),
+    "push_adapter_to_hub": push_adapter_to_hub,
+}
+
+
+@pytest.mark.parametrize("push", PUSHES.values(), ids=PUSHES.keys())
+def test_push_uploads_weights_config_and_card(hub, tmp_path, push):
     model = _model()
     expected = _logits(model)
-    push_adapter_to_hub(model, REPO_ID, private=True)
+    push(model, REPO_ID, private=True)
 
     assert hub[0] == {"create_repo": REPO_ID, "private": True, "exist_ok": True}
     commit = hub[1]
@@ -135,7 +161,7 @@ def test_push_adapter_uploads_weights_config_and_card(hub, tmp_path):
 def test_save_pretrained_writes_the_same_card(hub, tmp_path):
     model = _model()
     model.save_pretrained(tmp_path / "local")
-    push_adapter_to_hub(model, REPO_ID)
+    model.push_to_hub(REPO_ID)
     local = ModelCard.load(tmp_path / "local" / "README.md")
     pushed = ModelCard(hub[1]["files"]["README.md"].decode())
     assert local.data.to_dict() == pushed.data.to_dict()
@@ -155,16 +181,89 @@ def test_user_text_in_the_card_survives_a_second_save(tmp_path):
     assert "My notes." in text
 
 
-def test_model_push_to_hub_uploads_a_loadable_adapter(hub, tmp_path):
-    # PeftModel.push_to_hub is transformers' PushToHubMixin: safetensors + config, and its own README.md.
+def test_push_to_hub_options_reach_the_hub(hub):
     model = _model()
-    expected = _logits(model)
+    model.push_to_hub(
+        REPO_ID,
+        commit_message="first adapter",
+        commit_description="trained on synthetic charts",
+        revision="experiment",
+        create_pr=True,
+        tags=["charts", "lora"],
+        max_shard_size="1GB",  # accepted as by transformers; an adapter is one file anyway
+    )
+    assert hub[1] == {"create_branch": REPO_ID, "branch": "experiment", "exist_ok": True}
+    commit = hub[2]
+    assert commit["commit_message"] == "first adapter"
+    assert commit["commit_description"] == "trained on synthetic charts"
+    assert commit["revision"] == "experiment" and commit["create_pr"] is True
+    tags = ModelCard(commit["files"]["README.md"].decode()).data.tags
+    assert {"charts", "lora", "vision-lora"} <= set(tags) and len(tags) == len(set(tags))
+
+
+def test_push_to_hub_rejects_unknown_options(hub):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['safe_serialization'\]"):
+        _model().push_to_hub(REPO_ID, safe_serialization=False)
+    assert hub == []  # nothing was created
+
+
+def test_push_to_hub_keeps_text_of_a_card_already_on_the_hub(hub, monkeypatch, tmp_path):
+    # A repo whose card a user edited on the Hub (after a push with transformers' generic card).
+    remote = tmp_path / "remote_README.md"
+    remote.write_text("---\nlibrary_name: transformers\ntags:\n- charts\n---\n\n# My adapter\n\nTrained on charts.\n")
+    asked = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(remote)
+
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", hf_hub_download)
+    model = _model()
+    model.push_to_hub(REPO_ID)
+    model.push_to_hub(REPO_ID)  # twice: our section is replaced, not repeated
+    assert asked == [(REPO_ID, "README.md")] * 2
+    card = ModelCard(hub[-1]["files"]["README.md"].decode())
+    assert card.data.library_name == "peft" and {"charts", "vision-lora"} <= set(card.data.tags)
+    assert card.text.count("Trained on charts.") == 1
+    assert card.text.count("## Adapted components") == 1
+
+
+def test_push_to_hub_of_other_peft_adapters_is_left_to_transformers(hub):
+    from peft import LoraConfig
+
+    # Only models holding a VISION_LORA adapter are handled by this package; a plain LoRA model keeps transformers'
+    # behaviour exactly, generic card included.
+    model = get_peft_model(fresh_model(MODEL_TYPE), LoraConfig(r=4, target_modules=["q_proj"]))
     model.push_to_hub(REPO_ID)
     files = hub[-1]["files"]
     assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    folder = _write(files, tmp_path / "downloaded")
-    reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder).eval()
-    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
-    # Documented limitation (docs/sharing.md): the mixin replaces README.md with transformers' generic card after
-    # save_pretrained, so the component table only travels with push_adapter_to_hub.
     assert ModelCard(files["README.md"].decode()).data.library_name == "transformers"
+
+
+def test_trainer_model_card_keeps_our_section(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _model()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    trainer.save_model()
+    trainer.create_model_card(model_name="tiny-llava-charts")  # replaces README.md with a training summary
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "tiny-llava-charts" in card.text  # the Trainer's summary ...
+    assert card.text.count("## Adapted components") == 1  # ... and our section
+    assert card.data.library_name == "peft" and "vision-lora" in card.data.tags
+
+
+def test_trainer_push_to_hub_uploads_our_card(hub, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _model()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, push_to_hub=True, hub_model_id=REPO_ID
+    )
+    Trainer(model=model, args=args).push_to_hub(commit_message="End of training")
+    files = hub[-1]["files"]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "peft" and "vision-lora" in card.data.tags
+    assert card.text.count("## Adapted components") == 1

@@ -1,0 +1,131 @@
+"""``save_pretrained``, ``push_to_hub`` and ``create_or_update_model_card`` of PEFT's ``PeftModel``, made to keep
+``VISION_LORA`` adapters safe and described.
+
+Why wrap methods of ``PeftModel``: all three belong to ``PeftModel`` (``push_to_hub`` to transformers'
+``PushToHubMixin`` under it), and PEFT offers a tuner no hook inside them. Left alone,
+
+- ``push_to_hub`` calls ``save_pretrained`` into a temporary folder and then overwrites ``README.md`` with the repo's
+  card or a generic transformers template (``library_name: transformers``), so neither PEFT's card nor ours reaches
+  the Hub;
+- ``save_pretrained`` writes into the target folder in place, so a save that dies midway leaves a half-written
+  adapter where the previous one was;
+- ``Trainer.create_model_card`` replaces ``README.md`` with its training summary and then calls
+  ``create_or_update_model_card``, which restores PEFT's metadata but not our section.
+
+Each wrapper first asks whether the model holds a ``VISION_LORA`` adapter. If not, PEFT's method runs unchanged, so
+other tuners behave exactly as without this package. If so, ``save_pretrained`` runs PEFT's own method on a staging
+folder that replaces the target atomically (:func:`.saving.atomic_save_folder`), ``push_to_hub`` uploads through
+:func:`.saving.push_adapter_to_hub`, and ``create_or_update_model_card`` completes the card after PEFT's update.
+:func:`install` runs once, from :func:`.registration.register_vision_lora`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from .registration import PEFT_TYPE_NAME
+
+_WRAPPED = "__peft_vision_lora_original__"
+# Keyword arguments of transformers' PushToHubMixin.push_to_hub (5.x); all are honoured except max_shard_size,
+# which does not apply: PEFT writes each adapter as one safetensors file.
+PUSH_TO_HUB_OPTIONS = frozenset(
+    {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size", "tags"}
+)
+
+
+def vision_lora_adapters(model: PeftModel, selected: list[str] | None = None) -> dict[str, Any]:
+    """The model's ``VISION_LORA`` adapter configs by name, among ``selected`` (all adapters when None)."""
+    configs = getattr(model, "peft_config", None) or {}
+    names = list(configs) if selected is None else [name for name in selected if name in configs]
+    return {name: configs[name] for name in names if getattr(configs[name].peft_type, "value", None) == PEFT_TYPE_NAME}
+
+
+def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        from .saving import atomic_save_folder, model_card_paths, writing_staged
+
+        try:
+            arguments = signature.bind(self, save_directory, *args, **kwargs).arguments
+        except TypeError:
+            return original(self, save_directory, *args, **kwargs)  # PEFT raises its own error
+        selected = arguments.get("selected_adapters")
+        if writing_staged() or not arguments.get("is_main_process", True) or not vision_lora_adapters(self, selected):
+            return original(self, save_directory, *args, **kwargs)
+        with atomic_save_folder(save_directory, updated_files=model_card_paths(self, selected)) as staged:
+            return original(self, str(staged), *args, **kwargs)
+
+    return save_pretrained
+
+
+def _push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def push_to_hub(self: PeftModel, repo_id: str, **kwargs: Any) -> Any:
+        from .saving import push_adapter_to_hub
+
+        if not vision_lora_adapters(self):
+            return original(self, repo_id, **kwargs)
+        unknown = sorted(set(kwargs) - PUSH_TO_HUB_OPTIONS)
+        if unknown:
+            accepted = sorted(PUSH_TO_HUB_OPTIONS)
+            raise TypeError(f"push_to_hub() got unexpected keyword argument(s) {unknown}; it accepts {accepted}.")
+        kwargs.pop("max_shard_size", None)
+        return push_adapter_to_hub(self, repo_id, **kwargs)
+
+    return push_to_hub
+
+
+def _create_or_update_model_card(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        from huggingface_hub import ModelCard
+
+        from .card import write_model_card
+
+        config = vision_lora_adapters(self, ["default"]).get("default")
+        readme = Path(output_dir) / "README.md"
+        if config is None:
+            return original(self, output_dir)
+        # PEFT replaces the card's tags with its own; keep those already there (added on the Hub, by a Trainer).
+        kept_tags = (ModelCard.load(readme).data.tags or []) if readme.is_file() else []
+        original(self, output_dir)
+        card = ModelCard.load(readme)
+        card.data.tags = sorted(set(card.data.tags or []) | set(kept_tags))
+        card.save(readme)
+        # PEFT saves the default adapter at the top of the folder. No weights there yet (the start of a save, whose
+        # config step writes the card later): nothing more to describe now.
+        write_model_card(Path(output_dir), config)
+
+    return create_or_update_model_card
+
+
+_WRAPPERS = {
+    "save_pretrained": _save_pretrained,
+    "push_to_hub": _push_to_hub,
+    "create_or_update_model_card": _create_or_update_model_card,
+}
+
+
+def install() -> None:
+    """Wrap the three methods on ``PeftModel`` (its subclasses inherit them); a second call changes nothing."""
+    for name, wrap in _WRAPPERS.items():
+        current = getattr(PeftModel, name)
+        if getattr(current, _WRAPPED, None) is not None:
+            continue
+        wrapper = wrap(current)
+        setattr(wrapper, _WRAPPED, current)
+        setattr(PeftModel, name, wrapper)
+
+
+def original_method(name: str) -> Callable[..., Any]:
+    """PEFT's own method behind a wrapper (for tests and for callers that want PEFT's behaviour exactly)."""
+    method = getattr(PeftModel, name)
+    return getattr(method, _WRAPPED, method)
