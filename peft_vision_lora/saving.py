@@ -354,6 +354,9 @@ def whole_folder_swap_blocker(target: str | os.PathLike) -> str | None:
         return "it is a symbolic link, which a swap would replace by a folder"
     if target.is_dir() and os.path.ismount(target):
         return "it is a mount point"
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        return "it holds the current working directory, which a swap would leave deleted"
     if target.parent.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
         return "its parent folder is not writable"
     if torch.distributed.is_available() and torch.distributed.is_initialized():

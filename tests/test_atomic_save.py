@@ -282,3 +282,14 @@ def test_other_peft_adapters_save_exactly_as_peft_does(tmp_path, monkeypatch):
 def test_non_main_process_writes_nothing(tmp_path):
     _adapter(seed=1).save_pretrained(tmp_path / "adapter", is_main_process=False)
     assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").iterdir())
+
+
+def test_saving_into_the_working_directory_keeps_it(tmp_path, monkeypatch):
+    # Swapping the folder the process works in would leave its working directory deleted.
+    monkeypatch.chdir(tmp_path)
+    first = _adapter(seed=1)
+    first.save_pretrained(".")
+    second = _adapter(seed=2)
+    second.save_pretrained(".")
+    assert os.getcwd() == str(tmp_path) and os.path.exists(os.getcwd())
+    torch.testing.assert_close(_reloaded_logits(tmp_path), _logits(second), rtol=1e-5, atol=1e-6)
