@@ -24,7 +24,9 @@ import ctypes.util
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -265,6 +267,17 @@ def _recover(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named empty folder; made by ``mkdir`` (not ``mkdtemp``, which makes it private: 0700)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; on a clean exit it replaces ``target`` in one step.
@@ -278,8 +291,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise ValueError(f"{target} is a file; save the adapter to a folder path.")
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
-    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    staged = _new_folder(target.parent, f".{target.name}.tmp-{os.getpid()}-")
     try:
+        if target.is_dir():
+            os.chmod(staged, stat.S_IMODE(target.stat().st_mode))  # the published folder keeps its permissions
         yield staged
         if target.exists():
             _keep_untouched_entries(target, staged)

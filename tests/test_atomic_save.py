@@ -293,3 +293,15 @@ def test_saving_into_the_working_directory_keeps_it(tmp_path, monkeypatch):
     second.save_pretrained(".")
     assert os.getcwd() == str(tmp_path) and os.path.exists(os.getcwd())
     torch.testing.assert_close(_reloaded_logits(tmp_path), _logits(second), rtol=1e-5, atol=1e-6)
+
+
+def test_swapped_folder_keeps_its_permissions(tmp_path):
+    # The staging folder comes from mkdtemp (private, 0700); the published adapter must stay readable as before.
+    folder = tmp_path / "adapter"
+    _adapter(seed=1).save_pretrained(folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    folder.chmod(0o750)
+    _adapter(seed=2).save_pretrained(folder)
+    assert folder.stat().st_mode & 0o777 == 0o750
