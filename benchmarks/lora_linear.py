@@ -44,6 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_common_args, apply_common_args  # noqa: E402
 
 from peft_vision_lora.kernels import TRITON_AVAILABLE  # noqa: E402
 from peft_vision_lora.layer import VisionLoraLinear  # noqa: E402
@@ -220,15 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: all on CUDA, cpu-small on CPU")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--csv", help="append result rows to this CSV file")
+    add_common_args(parser, repeats=30, warmup=3)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = apply_common_args(args)
     shapes = args.shapes or (list(SHAPES) if device.type == "cuda" else ["cpu-small"])
     torch.manual_seed(0)
     for name in shapes:

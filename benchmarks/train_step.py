@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import add_common_args, apply_common_args  # noqa: E402
 from lora_linear import _machine, _peak_mb, append_csv, time_interleaved  # noqa: E402
 
 from peft_vision_lora import VisionLoraConfig  # noqa: E402
@@ -75,21 +76,14 @@ def step_fn(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256, help="text tokens per row (image tokens come on top)")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--csv", help="append result rows to this CSV file")
+    add_common_args(parser, repeats=15, warmup=2)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = apply_common_args(args)
     torch.manual_seed(0)
     cases = make_cases(args, device)
     batch = tiny_inputs(next(iter(cases.values())), batch_size=args.batch, seq_len=args.seq, seed=0)

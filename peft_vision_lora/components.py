@@ -153,15 +153,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+# bitsandbytes linears PEFT has LoRA layers for: its ``dispatch_bnb_4bit``/``dispatch_bnb_8bit`` test
+# ``isinstance`` against exactly these (so LinearNF4/LinearFP4, subclasses of Linear4bit, are covered too).
+BNB_LORA_LINEARS: tuple[str, ...] = ("Linear4bit", "Linear8bitLt")
+
+
+def _bnb_classes(module: nn.Module) -> set[str]:
+    """Names of the bitsandbytes classes in ``module``'s MRO, read by name so bitsandbytes (slow, optional) is
+    never imported here."""
+    return {c.__name__ for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes")}
+
+
+def is_bnb_class(module: nn.Module, name: str) -> bool:
+    """``isinstance(module, bitsandbytes.<...>.<name>)`` without importing bitsandbytes."""
+    return name in _bnb_classes(module)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes linear PEFT can put a LoRA layer on (``Linear4bit``/``Linear8bitLt`` or a subclass)."""
+    return not _bnb_classes(module).isdisjoint(BNB_LORA_LINEARS)
+
+
 def is_candidate_linear(module: nn.Module) -> bool:
-    """Linear layers LoRA can wrap: not subclasses that change ``forward`` (Llama4's router returns a tuple)."""
+    """Linear layers LoRA can wrap: not subclasses that change ``forward`` (Llama4's router returns a tuple).
+
+    Quantized linears are candidates only when PEFT has a LoRA layer for them (:func:`is_quantized_linear`); any
+    other bitsandbytes linear (``OutlierAwareLinear``) is not, since PEFT would fall back to its plain ``nn.Linear``
+    layer, whose merge writes into a weight the module re-quantizes.
+    """
     if not isinstance(module, LINEAR_TYPES):
         return False
     cls = type(module)
     if cls in LINEAR_TYPES:
         return True
-    if cls.__module__.startswith("bitsandbytes"):  # quantized linears: PEFT has dedicated LoRA layers
-        return True
+    if _bnb_classes(module):
+        return is_quantized_linear(module)
     return all(cls.forward is base.forward for base in LINEAR_TYPES if isinstance(module, base))
 
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig, PretrainedConfig
 
-from .components import resolve_components, unwrap_model
+from .components import is_bnb_class, resolve_components, unwrap_model
+from .components import is_quantized_linear as is_quantized_linear  # the one rule lives in components; re-exported
 from .config import COMPONENTS
 
 # The image path: what other VLM QLoRA recipes keep in 16/32-bit. The Q-Former (BLIP-2) is a projector too.
@@ -116,15 +117,6 @@ def vlm_bnb_config(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_bnb_class(module: nn.Module, name: str) -> bool:
-    """``isinstance`` by class name, so that bitsandbytes (slow to import, optional) is never imported here."""
-    return any(c.__name__ == name and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    return _is_bnb_class(module, "Linear4bit") or _is_bnb_class(module, "Linear8bitLt")
-
-
 def disable_bnb_cpu_packing(model: nn.Module) -> int:
     """Stop bitsandbytes (0.50 here) repacking 4-bit weights for its AVX512-BF16 CPU inference kernel.
 
@@ -136,7 +128,7 @@ def disable_bnb_cpu_packing(model: nn.Module) -> int:
     """
     changed = 0
     for module in model.modules():
-        if not _is_bnb_class(module, "Linear4bit"):
+        if not is_bnb_class(module, "Linear4bit"):
             continue
         module.support_avx512bf16_for_cpu = False
         state = getattr(module.weight, "quant_state", None)
@@ -177,9 +169,9 @@ def quantized_layer_path(module: nn.Module) -> str | None:
     """Forward path of a PEFT LoRA layer over a quantized base, for ``explain``: "peft-bnb4", "peft-bnb8",
     "peft-hqq", ...; None for a layer over an unquantized base."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if _is_bnb_class(base, "Linear4bit"):
+    if is_bnb_class(base, "Linear4bit"):
         return "peft-bnb4"
-    if _is_bnb_class(base, "Linear8bitLt"):
+    if is_bnb_class(base, "Linear8bitLt"):
         return "peft-bnb8"
     backend = type(module).__module__.rsplit(".", 1)[-1]
     if type(module).__module__.startswith("peft.tuners.lora.") and backend not in ("layer", "model"):

@@ -111,6 +111,34 @@ def test_default_config_quantizes_only_the_language_model(saved_vlm, bits):
 # ---- selection and paths ---------------------------------------------------------------------------------------
 
 
+def _bnb_linear_classes() -> list[type]:
+    import bitsandbytes as bnb
+
+    class SubclassedNF4(bnb.nn.LinearNF4):  # a user subclass outside bitsandbytes: PEFT dispatches by isinstance
+        pass
+
+    found = {c for c in vars(bnb.nn).values() if isinstance(c, type) and issubclass(c, torch.nn.Linear)}
+    return [*sorted(found, key=lambda c: c.__name__), SubclassedNF4]
+
+
+@pytest.mark.parametrize("cls", _bnb_linear_classes(), ids=lambda c: c.__name__)
+def test_quantized_candidates_are_exactly_what_peft_can_wrap(cls):
+    """One rule: a bitsandbytes linear is a LoRA candidate iff PEFT's bnb dispatchers build a LoRA layer for it
+    (Linear4bit, Linear8bitLt and their subclasses); others (OutlierAwareLinear) are never selected."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
+
+    from peft_vision_lora.components import is_candidate_linear
+
+    module, config = cls(64, 64), LoraConfig(r=2)
+    wrapped = dispatch_bnb_4bit(module, "default", config, loaded_in_4bit=True, r=2) or dispatch_bnb_8bit(
+        module, "default", config, loaded_in_8bit=True, r=2
+    )
+    assert is_candidate_linear(module) == is_quantized_linear(module) == (wrapped is not None)
+    if cls.__name__ == "OutlierAwareLinear":  # bitsandbytes 0.50's one nn.Linear subclass PEFT has no layer for
+        assert wrapped is None
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_selection_is_identical_to_the_unquantized_model(saved_vlm, bits):
     quantized = _load(saved_vlm, bits)
