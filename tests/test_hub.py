@@ -267,3 +267,26 @@ def test_trainer_push_to_hub_uploads_our_card(hub, tmp_path):
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "peft" and "vision-lora" in card.data.tags
     assert card.text.count("## Adapted components") == 1
+
+
+def test_push_to_hub_uploads_every_adapter_with_its_own_card(hub, tmp_path):
+    model = _model()
+    model.add_adapter("language_only", VisionLoraConfig(r=2, finetune_vision_layers=False, init_lora_weights=False))
+    model.push_to_hub(REPO_ID)
+    files = hub[-1]["files"]
+    assert sorted(files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "language_only/README.md",
+        "language_only/adapter_config.json",
+        "language_only/adapter_model.safetensors",
+    ]
+    card = ModelCard(files["language_only/README.md"].decode())
+    assert 'subfolder="language_only"' in card.text and "vision-lora-strategy:language" in card.data.tags
+
+    folder = _write(files, tmp_path / "downloaded")
+    model.set_adapter("language_only")
+    expected = _logits(model)
+    reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder / "language_only").eval()
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
