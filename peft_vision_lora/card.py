@@ -190,6 +190,13 @@ def _merge_text(existing: str, section: str) -> str:
     return existing.rstrip() + "\n\n" + section + "\n"
 
 
+def add_tags(readme: str | os.PathLike, tags: list[str]) -> None:
+    """Add ``tags`` to the metadata of the card at ``readme``, keeping those it has (sorted, no repeats)."""
+    card = ModelCard.load(readme)
+    card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+    card.save(readme)
+
+
 def write_model_card(
     directory: str | os.PathLike,
     config: Any,

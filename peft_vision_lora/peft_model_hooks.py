@@ -27,11 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard
 from peft import PeftModel
 
+from .card import add_tags, write_model_card
 from .registration import PEFT_TYPE_NAME
+from .saving import atomic_save_folder, model_card_paths, push_adapter_to_hub, writing_staged
 
-_WRAPPED = "__peft_vision_lora_original__"
+_WRAPPED = "__peft_vision_lora_wrapper__"  # PEFT's method itself stays at `__wrapped__`
 # Keyword arguments of transformers' PushToHubMixin.push_to_hub (5.x); all are honoured except max_shard_size,
 # which does not apply: PEFT writes each adapter as one safetensors file.
 PUSH_TO_HUB_OPTIONS = frozenset(
@@ -43,7 +46,7 @@ def vision_lora_adapters(model: PeftModel, selected: list[str] | None = None) ->
     """The model's ``VISION_LORA`` adapter configs by name, among ``selected`` (all adapters when None)."""
     configs = getattr(model, "peft_config", None) or {}
     names = list(configs) if selected is None else [name for name in selected if name in configs]
-    return {name: configs[name] for name in names if getattr(configs[name].peft_type, "value", None) == PEFT_TYPE_NAME}
+    return {name: configs[name] for name in names if configs[name].peft_type == PEFT_TYPE_NAME}  # a str enum
 
 
 def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,8 +54,6 @@ def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        from .saving import atomic_save_folder, model_card_paths, writing_staged
-
         try:
             arguments = signature.bind(self, save_directory, *args, **kwargs).arguments
         except TypeError:
@@ -69,8 +70,6 @@ def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
 def _push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def push_to_hub(self: PeftModel, repo_id: str, **kwargs: Any) -> Any:
-        from .saving import push_adapter_to_hub
-
         if not vision_lora_adapters(self):
             return original(self, repo_id, **kwargs)
         unknown = sorted(set(kwargs) - PUSH_TO_HUB_OPTIONS)
@@ -86,20 +85,14 @@ def _push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:
 def _create_or_update_model_card(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        from huggingface_hub import ModelCard
-
-        from .card import write_model_card
-
         config = vision_lora_adapters(self, ["default"]).get("default")
-        readme = Path(output_dir) / "README.md"
         if config is None:
             return original(self, output_dir)
+        readme = Path(output_dir) / "README.md"
         # PEFT replaces the card's tags with its own; keep those already there (added on the Hub, by a Trainer).
         kept_tags = (ModelCard.load(readme).data.tags or []) if readme.is_file() else []
         original(self, output_dir)
-        card = ModelCard.load(readme)
-        card.data.tags = sorted(set(card.data.tags or []) | set(kept_tags))
-        card.save(readme)
+        add_tags(readme, kept_tags)
         # PEFT saves the default adapter at the top of the folder. No weights there yet (the start of a save, whose
         # config step writes the card later): nothing more to describe now.
         write_model_card(Path(output_dir), config)
@@ -118,14 +111,8 @@ def install() -> None:
     """Wrap the three methods on ``PeftModel`` (its subclasses inherit them); a second call changes nothing."""
     for name, wrap in _WRAPPERS.items():
         current = getattr(PeftModel, name)
-        if getattr(current, _WRAPPED, None) is not None:
+        if getattr(current, _WRAPPED, False):
             continue
         wrapper = wrap(current)
-        setattr(wrapper, _WRAPPED, current)
+        setattr(wrapper, _WRAPPED, True)
         setattr(PeftModel, name, wrapper)
-
-
-def original_method(name: str) -> Callable[..., Any]:
-    """PEFT's own method behind a wrapper (for tests and for callers that want PEFT's behaviour exactly)."""
-    method = getattr(PeftModel, name)
-    return getattr(method, _WRAPPED, method)

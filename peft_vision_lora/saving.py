@@ -267,6 +267,14 @@ def _recover(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _folder_path(target: str | os.PathLike) -> Path:
+    """``target`` as an absolute path, refusing an existing file (an adapter is a folder)."""
+    target = Path(target).absolute()
+    if target.is_file():
+        raise ValueError(f"{target} is a file; save the adapter to a folder path.")
+    return target
+
+
 def _new_folder(parent: Path, prefix: str) -> Path:
     """A new, uniquely named empty folder; made by ``mkdir`` (not ``mkdtemp``, which makes it private: 0700)."""
     while True:
@@ -286,9 +294,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     Linux), the swap takes two renames; a crash between them leaves the old folder as ``.NAME.old-PID-*``, and the
     next save to the same place restores it before doing anything else.
     """
-    target = Path(target).absolute()
-    if target.is_file():
-        raise ValueError(f"{target} is a file; save the adapter to a folder path.")
+    target = _folder_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     staged = _new_folder(target.parent, f".{target.name}.tmp-{os.getpid()}-")
@@ -342,9 +348,7 @@ def atomic_files(target: str | os.PathLike) -> Iterator[Path]:
     over one after another, weights before ``adapter_config.json`` and ``README.md``. Used where the folder itself
     must stay where it is. On an exception nothing in ``target`` changes.
     """
-    target = Path(target).absolute()
-    if target.is_file():
-        raise ValueError(f"{target} is a file; save the adapter to a folder path.")
+    target = _folder_path(target)
     target.resolve().mkdir(parents=True, exist_ok=True)  # resolved: a symlink to a folder not made yet
     _remove_dead_staging(target)
     staged = Path(tempfile.mkdtemp(prefix=f"{_STAGED_PREFIX}{os.getpid()}-", dir=target))
@@ -458,14 +462,6 @@ def _existing_card(repo_id: str, token: str | bool | None) -> str | None:
         return None
 
 
-def _add_tags(readme: Path, tags: list[str]) -> None:
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(readme)
-    card.data.tags = sorted(set(card.data.tags or []) | set(tags))
-    card.save(readme)
-
-
 def push_adapter_to_hub(
     model: nn.Module,
     repo_id: str,
@@ -489,7 +485,7 @@ def push_adapter_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .card import write_model_card
+    from .card import add_tags, write_model_card
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -513,7 +509,7 @@ def push_adapter_to_hub(
             write_model_card(adapter_dir, adapter, repo_id=repo_id, subfolder=None if name == "." else name)
         if tags:
             for readme in folder.rglob("README.md"):
-                _add_tags(readme, list(tags))
+                add_tags(readme, list(tags))
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(HUB_FILE_SUFFIXES))
         operations = [
             CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
