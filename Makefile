@@ -1,15 +1,25 @@
-# Each target sets up .venv from scratch when needed: torch is pinned to the local CPU wheel (constraints.txt).
+# Each target sets up its venv from scratch when needed. The project's own env (.venv: demo, tests) installs exactly
+# requirements.lock; `make lock` regenerates that file from a fresh resolve of pyproject's ranges. torch is always
+# pinned to the local CPU wheel (constraints.txt): an unpinned torch pulls a multi-GB CUDA build.
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# `make test-latest`: the newest releases that pyproject allows, in a git-ignored env of its own.
+LATEST := .venv-latest
+# `make test-oldest`: the lowest versions that pyproject allows for the packages we build on.
+OLDEST := .venv-oldest
+# Never re-resolve what the lock pins: the editable install adds only our own package.
+EDITABLE := install -q --no-deps --no-build-isolation -e .
 
-.PHONY: setup demo test test-fast bench lint format
+.PHONY: setup demo test test-fast test-latest test-oldest lock bench lint format
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -r $(LOCK)
+	$(PIP) $(EDITABLE)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +32,34 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# A fresh resolve of pyproject's ranges (test extras included), frozen into requirements.lock. Run it on purpose:
+# to take a new transformers/PEFT release, after changing a range in pyproject.toml; then `make test`.
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q -c constraints.txt torch==2.13.0
+	.venv-lock/bin/pip install -q -c constraints.txt ".[test]"
+	.venv-lock/bin/python scripts/write_lock.py > $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK); run 'make test' on it, then commit it"
+
+# The newest releases pyproject allows: zoo-wide tests and a drift report against the lock. Exits non-zero only when
+# a model type that the lock supports regresses. Not part of CI (CI runs on the lock and stays deterministic).
+test-latest:
+	test -x $(LATEST)/bin/python || python3 -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(LATEST)/bin/pip install -q -c constraints.txt --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python scripts/drift_report.py
+
+# The lowest versions pyproject allows for transformers, PEFT and accelerate, on top of the lock; the whole suite.
+test-oldest:
+	rm -rf $(OLDEST)
+	python3 -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q -c constraints.txt -r $(LOCK)
+	$(OLDEST)/bin/pip install -q -c constraints.txt $$($(OLDEST)/bin/python scripts/lower_bounds.py transformers peft accelerate)
+	$(OLDEST)/bin/pip $(EDITABLE)
+	$(OLDEST)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_linear.py

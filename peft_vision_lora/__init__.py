@@ -4,6 +4,10 @@ Importing this package registers the ``VISION_LORA`` PEFT type, so ``get_peft_mo
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle :class:`VisionLoraConfig` adapters.
 """
 
+# First, before anything imports peft (and with it bitsandbytes): importing it installs the log filter.
+from . import quiet_imports  # noqa: F401
+
+# isort: split
 from .card import write_model_card
 from .components import ComponentMap, ComponentResolutionError, resolve_components
 from .config import COMPONENTS, TASK_PRESETS, VisionLoraConfig, VisionLoraConfigError
