@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, apply_common_args  # noqa: E402
 
 from peft_vision_lora.kernels import TRITON_AVAILABLE  # noqa: E402
-from peft_vision_lora.layer import VisionLoraLinear  # noqa: E402
+from peft_vision_lora.tuner.layer import VisionLoraLinear  # noqa: E402
 
 SHAPES = {  # name: (tokens, in_features, out_features, rank)
     "cpu-small": (2048, 1024, 1024, 16),

@@ -31,7 +31,7 @@ from lora_linear import _machine, _peak_mb, append_csv, time_interleaved  # noqa
 
 from peft_vision_lora import VisionLoraConfig  # noqa: E402
 from peft_vision_lora.kernels import TRITON_AVAILABLE  # noqa: E402
-from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_inputs  # noqa: E402
+from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs  # noqa: E402
 
 WIDTH, LAYERS = 256, 4
 

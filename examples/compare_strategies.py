@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # finetune_vlm.py sits next to this file
 from finetune_vlm import EVAL_SEED, answer_accuracy, build_base, build_parser, finetune  # noqa: E402
 
-from peft_vision_lora.data import TASK_STRATEGY, SyntheticVLMDataset, VisionChatCollator, build_processor  # noqa: E402
+from peft_vision_lora.data import VisionChatCollator  # noqa: E402
+from peft_vision_lora.testing import TASK_STRATEGY, SyntheticVLMDataset, build_processor  # noqa: E402
 
 REFERENCE_TASKS = ("vqa", "domain_adaptation")  # tasks whose strategy is a subset of vision + language
 

@@ -22,7 +22,7 @@ from finetune_vlm import build_base, build_parser, finetune, reload_adapter  # n
 
 import peft_vision_lora  # noqa: E402
 from peft_vision_lora import VisionLoraConfig, print_strategy_report  # noqa: E402
-from peft_vision_lora.data import PROCESSOR_MODEL_TYPES, SyntheticVLMDataset  # noqa: E402
+from peft_vision_lora.testing import PROCESSOR_MODEL_TYPES, SyntheticVLMDataset  # noqa: E402
 
 STRATEGIES = {
     "vision+language (ocr, captioning)": {"task": "captioning"},

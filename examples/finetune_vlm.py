@@ -27,11 +27,12 @@ from peft import PeftModel, get_peft_model
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.data import TASKS, SyntheticVLMDataset, VisionChatCollator, build_processor
+from peft_vision_lora.data import VisionChatCollator
 from peft_vision_lora.data.collator import IGNORE_INDEX
-from peft_vision_lora.report import STRATEGIES
-from peft_vision_lora.tiny_models import build_tiny_vlm
-from peft_vision_lora.training import VisionLoraTrainer, enable_gradient_checkpointing
+from peft_vision_lora.integrations.training import VisionLoraTrainer, enable_gradient_checkpointing
+from peft_vision_lora.reports.strategies import STRATEGIES
+from peft_vision_lora.testing import TASKS, SyntheticVLMDataset, build_processor
+from peft_vision_lora.zoo.tiny import build_tiny_vlm
 
 EVAL_SEED = 10_000  # held-out examples come from another seed: unseen images (and, for OCR, unseen renderings)
 
@@ -194,7 +195,7 @@ def answer_accuracy(model: torch.nn.Module, collator: VisionChatCollator, datase
 
 
 def per_component_trainable(model: torch.nn.Module) -> dict[str, int]:
-    from peft_vision_lora.training import parameter_components
+    from peft_vision_lora.integrations.training import parameter_components
 
     sizes = dict(model.named_parameters())
     out: dict[str, int] = {}

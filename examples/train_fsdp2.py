@@ -22,8 +22,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForImageTextToText
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.sharding import enable_fsdp_on_cpu, save_gathered_adapter, set_vlm_wrap_policy
-from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_inputs
+from peft_vision_lora.integrations.sharding import enable_fsdp_on_cpu, save_gathered_adapter, set_vlm_wrap_policy
+from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs
 
 EVAL_SEED = 12345
 

@@ -8,27 +8,34 @@ Importing this package registers the ``VISION_LORA`` PEFT type, so ``get_peft_mo
 from . import quiet_imports  # noqa: F401
 
 # isort: split
-from .card import write_model_card
-from .components import ComponentMap, ComponentResolutionError, resolve_components
-from .config import COMPONENTS, TASK_PRESETS, VisionLoraConfig, VisionLoraConfigError
-from .explain import ExplainRow, explain
-from .export import export_lora
-from .model import VisionLoraModel
-from .quantization import prepare_vlm_for_kbit_training, quantized_footprint, vlm_bnb_config
-from .registration import register_vision_lora
-from .report import StrategyRow, print_strategy_report, strategy_report
-from .saving import AdapterLoadError, push_adapter_to_hub, save_adapter
-from .sharding import fsdp_block_class_names, save_gathered_adapter
-from .targets import TargetPlan, compile_targets
-from .training import (
+from .errors import AdapterLoadError, ComponentResolutionError, VisionLoraConfigError
+from .integrations.quantization import prepare_vlm_for_kbit_training, vlm_bnb_config
+from .integrations.sharding import fsdp_block_class_names, save_gathered_adapter
+from .integrations.training import (
     ComponentLRMixin,
     VisionLoraTrainer,
     component_param_groups,
     create_optimizer,
     enable_gradient_checkpointing,
 )
+from .reports.explain import ExplainRow, explain
+from .reports.memory import quantized_footprint
+from .reports.strategies import StrategyRow, print_strategy_report, strategy_report
+from .resolve.components import ComponentMap, resolve_components
+from .resolve.names import COMPONENTS
+from .resolve.targets import TargetPlan, compile_targets
+from .sharing import peft_model_hooks
+from .sharing.atomic_save import save_adapter
+from .sharing.card import write_model_card
+from .sharing.export import export_lora
+from .sharing.hub import push_adapter_to_hub
+from .tuner.config import TASK_PRESETS, VisionLoraConfig
+from .tuner.model import VisionLoraModel
+from .tuner.registration import register_vision_lora
 
 register_vision_lora()
+# Atomic saves and our model card for PeftModels that hold a VISION_LORA adapter (see sharing/peft_model_hooks.py).
+peft_model_hooks.install()
 
 __version__ = "0.1.0"
 

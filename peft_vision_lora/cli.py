@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
-        from .inspect import run_inspect
+        from .reports.inspection import run_inspect
 
         return run_inspect(args)
     if args.command == "export":
-        from .export import run_export
+        from .sharing.export import run_export
 
         return run_export(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

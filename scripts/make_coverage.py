@@ -16,10 +16,10 @@ from pathlib import Path
 
 import transformers
 
-from peft_vision_lora.components import resolve_components
-from peft_vision_lora.inspect import fraction_of_full, strategy_counts
-from peft_vision_lora.report import DESIGN_CLAIMS
-from peft_vision_lora.zoo import (
+from peft_vision_lora.reports.inspection import fraction_of_full, strategy_counts
+from peft_vision_lora.reports.strategies import DESIGN_CLAIMS
+from peft_vision_lora.resolve.components import resolve_components
+from peft_vision_lora.zoo.catalog import (
     FULL_SIZE_ASSUMED,
     ZOO_MODEL_TYPES,
     ZooBuildError,

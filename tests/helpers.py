@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peft_vision_lora  # noqa: F401  (registers VISION_LORA)
-from peft_vision_lora.tiny_models import SUPPORTED_TINY_MODEL_TYPES, build_tiny_vlm, tiny_inputs
+from peft_vision_lora.zoo.tiny import SUPPORTED_TINY_MODEL_TYPES, build_tiny_vlm, tiny_inputs
 
 # A fast subset that still covers each structural case: merger in the vision tower (qwen2_vl), a projector module
 # (llava), cross-attention (mllama), a Q-Former (blip-2).

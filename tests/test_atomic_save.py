@@ -17,9 +17,9 @@ import torch
 from helpers import fresh_model, inputs_for
 from peft import PeftModel, get_peft_model
 
-import peft_vision_lora.saving as saving
+import peft_vision_lora.sharing.atomic_save as saving
 from peft_vision_lora import VisionLoraConfig, save_adapter
-from peft_vision_lora.saving import atomic_directory
+from peft_vision_lora.sharing.atomic_save import atomic_directory
 
 MODEL_TYPE = "llava"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -66,7 +66,7 @@ CHILD = textwrap.dedent(
     import torch
     from peft import get_peft_model
     from peft_vision_lora import VisionLoraConfig, save_adapter
-    from peft_vision_lora.tiny_models import build_tiny_vlm
+    from peft_vision_lora.zoo.tiny import build_tiny_vlm
 
     folder, entry = sys.argv[1], sys.argv[2]
 

@@ -9,13 +9,13 @@ from helpers import shared_model
 from peft_vision_lora.data import (
     IGNORE_INDEX,
     PROCESSOR_MODEL_TYPES,
-    SyntheticVLMDataset,
+    RECIPES,
     VisionChatCollator,
-    build_processor,
     image_placeholder_ids,
 )
-from peft_vision_lora.data.processors import RECIPES
-from peft_vision_lora.tiny_models import IMAGE_TOKEN, VOCAB
+from peft_vision_lora.testing import SyntheticVLMDataset, build_processor
+from peft_vision_lora.testing.processors import TINY_RECIPES
+from peft_vision_lora.zoo.tiny import END_TOKEN, IMAGE_TOKEN, START_TOKEN, VIDEO_TOKEN, VOCAB
 
 # Hand-written: the token each family's template closes an assistant turn with (it must be trained on, or the
 # fine-tuned model never stops).
@@ -56,6 +56,17 @@ def test_tokenizer_ids_fit_the_tiny_config(family):
     text = "a red square on a white background"
     assert len(tokenizer(text)["input_ids"]) <= 10, "the trained BPE should cover the synthetic text compactly"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_placeholder_ids_are_exactly_the_tokens_that_stand_for_or_frame_images(family):
+    """Every token the processor writes for an image, and nothing else, is found in the processor's own tokenizer."""
+    model_type, processor = family
+    spec = TINY_RECIPES[model_type].spec
+    image_like = {t for key, t in spec.attributes.items() if key.endswith("_token")}
+    image_like |= {t for i, t in spec.fixed.items() if i in (IMAGE_TOKEN, VIDEO_TOKEN, START_TOKEN, END_TOKEN)}
+    expected = {processor.tokenizer.convert_tokens_to_ids(t) for t in image_like}
+    assert image_placeholder_ids(processor) == expected
+    assert set(TINY_RECIPES) == set(RECIPES), "every family the collator knows has an offline processor"
 
 
 def test_labels_cover_exactly_the_answers_and_the_model_runs(family):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.tiny_models import tiny_inputs
+from peft_vision_lora.zoo.tiny import tiny_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,8 +19,8 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.sharding import fsdp_block_class_names, save_gathered_adapter
-from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_inputs
+from peft_vision_lora.integrations.sharding import fsdp_block_class_names, save_gathered_adapter
+from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SEED = 12345  # examples/train_fsdp2.py evaluates the sharded model on this batch

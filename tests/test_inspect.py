@@ -15,8 +15,8 @@ from transformers import LlavaConfig
 from zoo_truth import expected_kind, expected_linears
 
 from peft_vision_lora.cli import main
-from peft_vision_lora.inspect import load_for_inspect, strategy_counts
-from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_config
+from peft_vision_lora.reports.inspection import load_for_inspect, strategy_counts
+from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_config
 
 
 def row(output: str, name: str, table: str = "components") -> list[str]:
@@ -138,7 +138,7 @@ def _coverage_script():
 
 def test_coverage_doc_is_generated_and_current():
     """docs/coverage.md has a row per model type, and the script regenerates its rows verbatim."""
-    from peft_vision_lora.zoo import ZOO_MODEL_TYPES
+    from peft_vision_lora.zoo.catalog import ZOO_MODEL_TYPES
 
     script, doc = _coverage_script()
     text = doc.read_text()

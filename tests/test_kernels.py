@@ -6,6 +6,7 @@ built), which is exact for fp32/fp16 but wrong for bf16: bf16 tests need a GPU.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -20,7 +21,7 @@ from peft_vision_lora.kernels import dispatch, dropout_mask, lora_linear, lora_l
 from peft_vision_lora.kernels.dispatch import resolve_kernel, triton_runs_on  # noqa: E402
 from peft_vision_lora.kernels.reference import TorchLoraLinearFunction  # noqa: E402
 
-triton_lora = dispatch.triton_lora
+triton_lora = importlib.import_module("peft_vision_lora.kernels.triton_lora") if dispatch.TRITON_AVAILABLE else None
 _TRITON_RUNS = triton_lora is not None and (torch.cuda.is_available() or triton_lora.INTERPRETED)
 needs_triton = pytest.mark.skipif(
     not _TRITON_RUNS, reason="triton missing, or imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peft_vision_lora.kernels import dispatch, dropout_mask, lora_linear_naive, new_dropout_seed
-from peft_vision_lora.layer import VisionLoraLinear, dispatch_vision_lora
+from peft_vision_lora.tuner.layer import VisionLoraLinear, dispatch_vision_lora
 
-_TRITON_RUNS = dispatch.triton_lora is not None and (torch.cuda.is_available() or dispatch.triton_lora.INTERPRETED)
+_TRITON_RUNS = dispatch.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 IN, OUT, R = 24, 16, 4
 
 
@@ -239,7 +239,7 @@ def test_fused_layer_inside_llama4_moe():
     from peft import get_peft_model
 
     from peft_vision_lora import VisionLoraConfig, explain
-    from peft_vision_lora.zoo import build_zoo_model
+    from peft_vision_lora.zoo.catalog import build_zoo_model
 
     model = get_peft_model(
         build_zoo_model("llama4", seed=0), VisionLoraConfig(r=4, task="vqa", kernel="torch", init_lora_weights=False)

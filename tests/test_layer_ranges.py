@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from zoo_truth import expected_linears
 
 from peft_vision_lora import VisionLoraConfig, VisionLoraConfigError, compile_targets
-from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_inputs
+from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs
 
 DEEP = {"vision_config": {"depth": 4, "num_hidden_layers": 4}, "text_config": {"num_hidden_layers": 4}}
 

@@ -13,15 +13,15 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from peft_vision_lora import VisionLoraConfig, compile_targets, explain
-from peft_vision_lora.quantization import (
+from peft_vision_lora.integrations.quantization import (
     disable_bnb_cpu_packing,
     high_precision_modules,
     is_quantized_linear,
     prepare_vlm_for_kbit_training,
-    quantized_footprint,
     vlm_bnb_config,
 )
-from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_inputs
+from peft_vision_lora.reports.memory import quantized_footprint
+from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs
 
 pytest.importorskip("bitsandbytes")
 pytestmark = [
@@ -128,7 +128,7 @@ def test_quantized_candidates_are_exactly_what_peft_can_wrap(cls):
     from peft import LoraConfig
     from peft.tuners.lora.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 
-    from peft_vision_lora.components import is_candidate_linear
+    from peft_vision_lora.resolve.module_kinds import is_candidate_linear
 
     module, config = cls(64, 64), LoraConfig(r=2)
     wrapped = dispatch_bnb_4bit(module, "default", config, loaded_in_4bit=True, r=2) or dispatch_bnb_8bit(

@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.tiny_models import SUPPORTED_TINY_MODEL_TYPES
+from peft_vision_lora.zoo.tiny import SUPPORTED_TINY_MODEL_TYPES
 
 SLOW = pytest.mark.slow
 RANKS = {"vision": 2, "language": 6, "projector": 3, "cross_attention": 5, "qformer": 4}
@@ -50,7 +50,7 @@ CHILD = textwrap.dedent(
     {import_line}
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from peft_vision_lora.tiny_models import build_tiny_vlm, tiny_inputs
+    from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs
     root, types = sys.argv[1], sys.argv[2].split(",")
     report = {{}}
     for model_type in types:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from zoo_truth import COMPONENTS, PROJECTOR_WITHOUT_LINEAR, ZOO_TRUTH, expected_kind, expected_linears
 
-from peft_vision_lora.tiny_models import SUPPORTED_TINY_MODEL_TYPES, build_tiny_vlm, tiny_config, tiny_inputs
+from peft_vision_lora.zoo.tiny import SUPPORTED_TINY_MODEL_TYPES, build_tiny_vlm, tiny_config, tiny_inputs
 
 TYPES = SUPPORTED_TINY_MODEL_TYPES
 MAX_PARAMS = 2_000_000

@@ -16,7 +16,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.training import (
+from peft_vision_lora.integrations.training import (
     VisionLoraTrainer,
     component_param_groups,
     create_optimizer,
@@ -210,8 +210,9 @@ def test_checkpoints_hold_only_the_adapter_and_resume_matches_an_uninterrupted_r
 
 def test_trl_sft_trainer_trains_a_vision_lora_config(tmp_path):
     trl = pytest.importorskip("trl")
-    from peft_vision_lora.data import SyntheticVLMDataset, VisionChatCollator, build_processor
-    from peft_vision_lora.training import ComponentLRMixin
+    from peft_vision_lora.data import VisionChatCollator
+    from peft_vision_lora.integrations.training import ComponentLRMixin
+    from peft_vision_lora.testing import SyntheticVLMDataset, build_processor
 
     class VisionLoraSFTTrainer(ComponentLRMixin, trl.SFTTrainer):
         pass

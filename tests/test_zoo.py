@@ -17,7 +17,7 @@ from torch import nn
 from zoo_wide_truth import TRUTH, UNBUILDABLE, expected_kind, expected_sets, is_router_name
 
 from peft_vision_lora import ComponentResolutionError, VisionLoraConfig, VisionLoraConfigError, compile_targets
-from peft_vision_lora.zoo import MAX_TINY_PARAMS, ZOO_MODEL_TYPES, ZooBuildError, build_zoo_model
+from peft_vision_lora.zoo.catalog import MAX_TINY_PARAMS, ZOO_MODEL_TYPES, ZooBuildError, build_zoo_model
 
 # One model per hard case: deepstack mergers in the vision module (qwen3_vl), two vision towers (deepseek_vl_hybrid),
 # a Q-Former (instructblip), a perceiver + gated cross-attention on a text-config-at-top model (idefics), an audio

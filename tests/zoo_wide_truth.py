@@ -1,7 +1,7 @@
 """Hand-written ground truth for every image-text-to-text model type transformers 5.23 registers.
 
 Written by reading each model's sub-configs, its ``modeling_*.py`` (which modules ``get_image_features`` and
-``forward`` run, and in what order) and the module tree of the tiny model ``peft_vision_lora.zoo`` builds. Nothing
+``forward`` run, and in what order) and the module tree of the tiny model ``zoo.catalog`` builds. Nothing
 here calls the package's resolver. Prefixes are module paths of the top-level model; ``*`` matches one path element
 (a layer index). A linear belongs to the component of its longest matching prefix; ``excluded`` prefixes belong to
 no component (never targeted); linears under no prefix (output heads, PI0's action projections) are never targeted.

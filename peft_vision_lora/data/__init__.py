@@ -1,19 +1,14 @@
-"""Offline data for training VLMs: synthetic image-text tasks, processors built in code, and a chat collator."""
+"""Training data for VLMs: the chat collator that masks labels to the assistant's replies, and what it knows about
+each processor family."""
 
 from .collator import IGNORE_INDEX, VisionChatCollator
-from .processors import PROCESSOR_MODEL_TYPES, build_processor, build_tokenizer, image_placeholder_ids
-from .synthetic import TASK_STRATEGY, TASKS, SyntheticVLMDataset, render_number, render_scene
+from .recipes import PROCESSOR_MODEL_TYPES, RECIPES, ChatRecipe, image_placeholder_ids
 
 __all__ = [
     "IGNORE_INDEX",
     "PROCESSOR_MODEL_TYPES",
-    "TASKS",
-    "TASK_STRATEGY",
-    "SyntheticVLMDataset",
+    "RECIPES",
+    "ChatRecipe",
     "VisionChatCollator",
-    "build_processor",
-    "build_tokenizer",
     "image_placeholder_ids",
-    "render_number",
-    "render_scene",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import ProcessorMixin
 
-from .processors import RECIPES, image_placeholder_ids
+from .recipes import RECIPES, image_placeholder_ids
 
 __all__ = ["IGNORE_INDEX", "VisionChatCollator"]
 
@@ -31,14 +31,14 @@ def _image_parts(message: dict[str, Any]) -> int:
 
 
 class VisionChatCollator:
-    """Collate ``{"messages": [...], "images": [...]}`` examples for a VLM (see ``data.synthetic`` for the format).
+    """Collate ``{"messages": [...], "images": [...]}`` examples for a VLM (see ``testing.synthetic`` for the format).
 
     Rows may have any number of images, including none, in one batch (PaliGemma needs at least one per row).
     Every assistant turn is trained on (including its end-of-turn token); everything else is -100.
 
     Args:
         processor: a transformers processor with a chat template, e.g. from
-            :func:`~peft_vision_lora.data.processors.build_processor`.
+            :func:`~peft_vision_lora.testing.processors.build_processor`.
         model_type: the processor family (defaults to ``processor.model_type``, which ``build_processor`` sets).
     """
 

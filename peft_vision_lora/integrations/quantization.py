@@ -1,4 +1,4 @@
-"""QLoRA for VLMs: which parts stay in high precision, preparing a k-bit base for training, and what it weighs.
+"""QLoRA for VLMs: which parts stay in high precision, and preparing a k-bit base for training.
 
 A VLM's vision tower and projector are small next to its language model (LLaVA-1.5-7B: ~0.3B of ~7B parameters) and
 sensitive to quantization: an image becomes a few hundred tokens through them, so an error there reaches every image
@@ -9,29 +9,26 @@ meta-device copy of the model), never from a name table.
 Quantized linears stay LoRA targets: ``bitsandbytes`` ``Linear4bit``/``Linear8bitLt`` are ``nn.Linear`` subclasses,
 so component resolution and target compilation see the same modules as on the unquantized model. Our kernel-backed
 layer only takes plain ``nn.Linear``; PEFT's bnb dispatchers wrap the quantized ones (the base weight is dequantized
-inside bitsandbytes' matmul), and :func:`quantized_layer_path` names that path for ``explain`` ("peft-bnb4").
+inside bitsandbytes' matmul), and :func:`~peft_vision_lora.resolve.module_kinds.quantized_layer_path` names that
+path for ``explain`` ("peft-bnb4"). What a quantized model weighs is in :mod:`peft_vision_lora.reports.memory`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig, PretrainedConfig
 
-from .components import is_bnb_class, resolve_components, unwrap_model
-from .components import is_quantized_linear as is_quantized_linear  # the one rule lives in components; re-exported
-from .config import COMPONENTS
+from ..resolve.components import resolve_components, unwrap_model
+from ..resolve.module_kinds import is_bnb_class
+from ..resolve.module_kinds import is_quantized_linear as is_quantized_linear  # the one rule; re-exported
+from ..resolve.names import check_known_components
 
 # The image path: what other VLM QLoRA recipes keep in 16/32-bit. The Q-Former (BLIP-2) is a projector too.
 DEFAULT_HIGH_PRECISION: tuple[str, ...] = ("vision", "projector", "qformer")
-BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize; transformers does not expose it
-_NESTED_BLOCKSIZE = 256  # double quantization groups 256 absmax values per fp32 scale
 
 
 def _build_on_meta(config: PretrainedConfig, model_class: type | None) -> nn.Module:
@@ -62,9 +59,7 @@ def high_precision_modules(
     """Module names to leave unquantized: the ``keep`` components, plus transformers' own defaults (output head,
     tied weights), which a non-empty ``llm_int8_skip_modules`` would otherwise replace."""
     keep = tuple(keep)
-    unknown = sorted(set(keep) - set(COMPONENTS))
-    if unknown:
-        raise ValueError(f"Unknown component(s) {unknown} in `keep`; components are {COMPONENTS}.")
+    check_known_components("keep", keep)
     from transformers.quantizers.base import get_keys_to_not_convert
 
     model = as_module_tree(model_or_config, model_class)
@@ -163,134 +158,3 @@ def prepare_vlm_for_kbit_training(
     )
     disable_bnb_cpu_packing(model)
     return model
-
-
-def quantized_layer_path(module: nn.Module) -> str | None:
-    """Forward path of a PEFT LoRA layer over a quantized base, for ``explain``: "peft-bnb4", "peft-bnb8",
-    "peft-hqq", ...; None for a layer over an unquantized base."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if is_bnb_class(base, "Linear4bit"):
-        return "peft-bnb4"
-    if is_bnb_class(base, "Linear8bitLt"):
-        return "peft-bnb8"
-    backend = type(module).__module__.rsplit(".", 1)[-1]
-    if type(module).__module__.startswith("peft.tuners.lora.") and backend not in ("layer", "model"):
-        return f"peft-{backend}"  # PEFT's hqq/gptq/awq/torchao/eetq LoRA layers
-    return None
-
-
-def warn_if_merging_into_quantized(model: nn.Module) -> None:
-    """PEFT merges into a bnb base by dequantizing, adding the LoRA delta and re-quantizing. Say what that loses."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    kinds: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            path = quantized_layer_path(module)
-            if path is not None:
-                kinds[path] = kinds.get(path, 0) + 1
-    if not kinds:
-        return
-    counts = ", ".join(f"{n} {path.removeprefix('peft-')} layers" for path, n in sorted(kinds.items()))
-    warnings.warn(
-        f"Merging LoRA into a quantized base ({counts}): each merged weight is dequantized, the LoRA update added "
-        "and the sum re-quantized, so the update is rounded to 4/8-bit precision and mostly lost when it is small "
-        "next to the quantization step; the merged model's outputs differ from the unmerged adapter's, and "
-        "unmerging does not restore the original base exactly. To keep the adapter exact, keep it unmerged, or "
-        "load the base unquantized (bf16/fp16), attach the saved adapter with PeftModel.from_pretrained and "
-        "merge_and_unload there.",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Memory arithmetic (meta-device models work: only shapes are read)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Weight memory of one component after quantization (parameters only: no activations, no optimizer)."""
-
-    component: str
-    params: int
-    quantized_params: int
-    bytes: int
-    unquantized_bytes: int
-
-
-def _bnb4_bytes(numel: int, double_quant: bool) -> int:
-    """Packed NF4/FP4 weight plus its quantization state, as bitsandbytes stores it."""
-    blocks = math.ceil(numel / BNB_4BIT_BLOCKSIZE)
-    total = math.ceil(numel / 2) + 16 * 4  # two values per byte; the 16-entry fp32 code book
-    if double_quant:  # uint8 absmax, re-quantized in groups of 256 with an fp32 scale, a 256-entry code and an offset
-        total += blocks + math.ceil(blocks / _NESTED_BLOCKSIZE) * 4 + 256 * 4 + 4
-    else:
-        total += blocks * 4  # one fp32 absmax per block
-    return total
-
-
-def quantized_footprint(
-    model_or_config: nn.Module | PretrainedConfig | str | os.PathLike,
-    bnb_config: BitsAndBytesConfig,
-    dtype: torch.dtype = torch.bfloat16,
-    model_class: type | None = None,
-) -> dict[str, Footprint]:
-    """Bytes of weights per component once loaded with ``bnb_config`` (non-quantized weights in ``dtype``).
-
-    Which linears get quantized is decided by transformers' own rules (``should_convert_module`` over the skip list
-    plus the model's ``_keep_in_fp32_modules``), on a meta-device model, so a 70B model costs nothing to measure.
-    Keys: each component found, "other" (embeddings, heads, norms outside the towers) and "total".
-    """
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    model = as_module_tree(model_or_config, model_class)
-    components = resolve_components(model)
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    skip = HfQuantizer.get_modules_to_not_convert(model, bnb_config.llm_int8_skip_modules, keep_fp32)
-    bits = 8 if bnb_config.load_in_8bit else 4 if bnb_config.load_in_4bit else None
-    if bits is None:
-        raise ValueError("bnb_config quantizes nothing: set load_in_4bit=True or load_in_8bit=True.")
-    element = torch.empty((), dtype=dtype).element_size()
-
-    quantized: dict[str, int] = {}  # weight name -> output rows (int8 keeps one fp32 scale per row)
-    for name, module in model.named_modules():  # the modules transformers' replace_with_bnb_linear converts
-        if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
-            quantized[name + ".weight"] = module.weight.shape[1] if isinstance(module, Conv1D) else module.out_features
-    rows: dict[str, list[int]] = {}  # component -> [params, quantized_params, bytes, unquantized_bytes]
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:  # tied weights count once
-            continue
-        seen.add(id(param))
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        component = components.component_of(owner) or "other"
-        row = rows.setdefault(component, [0, 0, 0, 0])
-        numel = param.numel()
-        row[0] += numel
-        row[3] += numel * element
-        if name in quantized:
-            row[1] += numel
-            if bits == 4:
-                row[2] += _bnb4_bytes(numel, bnb_config.bnb_4bit_use_double_quant)
-            else:
-                row[2] += numel + quantized[name] * 4  # int8 weight + one fp32 scale per output row
-        else:
-            row[2] += numel * element
-    result = {c: Footprint(c, *row) for c, row in rows.items()}
-    totals = [sum(f[i] for f in rows.values()) for i in range(4)]
-    result["total"] = Footprint("total", *totals)
-    return result
-
-
-def format_footprint(footprint: dict[str, Footprint]) -> str:
-    lines = [f"{'component':<16} {'params':>14} {'quantized':>14} {'GiB':>8} {'GiB unquantized':>16}"]
-    for row in footprint.values():
-        lines.append(
-            f"{row.component:<16} {row.params:>14,} {row.quantized_params:>14,} {row.bytes / 2**30:>8.2f} "
-            f"{row.unquantized_bytes / 2**30:>16.2f}"
-        )
-    return "\n".join(lines)

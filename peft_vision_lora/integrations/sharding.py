@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .components import resolve_components, unwrap_model
+from ..resolve.components import resolve_components, unwrap_model
 
 # Towers whose repeated blocks become FSDP units. The projector is small and stays with the root unit.
 _SHARDED_COMPONENTS = ("vision", "language", "qformer", "audio")

@@ -30,8 +30,8 @@ from torch.utils.hooks import RemovableHandle
 from transformers import Trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .components import resolve_components, unwrap_model
-from .config import COMPONENTS
+from ..resolve.components import resolve_components, unwrap_model
+from ..resolve.names import OTHER, check_known_components
 
 __all__ = [
     "ComponentLRMixin",
@@ -41,8 +41,6 @@ __all__ = [
     "enable_gradient_checkpointing",
     "parameter_components",
 ]
-
-OTHER = "other"  # trainable parameters outside every component (e.g. an lm_head in modules_to_save)
 
 
 def parameter_components(model: nn.Module) -> dict[str, str]:
@@ -67,9 +65,8 @@ def component_param_groups(
     schedulers, loggers and tests can tell them apart.
     """
     component_lr = dict(component_lr or {})
-    unknown = sorted(set(component_lr) - set(COMPONENTS) - {OTHER})
-    if unknown:
-        raise ValueError(f"Unknown component(s) {unknown} in component_lr; components are {COMPONENTS + (OTHER,)}.")
+    # OTHER: trainable parameters outside every component (e.g. an lm_head in modules_to_save)
+    check_known_components("component_lr", component_lr, extra=(OTHER,))
     owners = parameter_components(model)
     if not owners:
         raise ValueError("The model has no trainable parameters: wrap it with get_peft_model(...) first.")

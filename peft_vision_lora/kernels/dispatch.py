@@ -6,51 +6,73 @@ The layer resolves once per forward from the input's device, so a model moved be
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Literal
 
 import torch
 
 from .reference import lora_linear_torch
 
-try:  # optional dependency: `pip install "peft-vision-lora[triton]"`
-    from . import triton_lora
-except ImportError:  # triton missing, or a build that cannot import on this platform
-    triton_lora = None  # type: ignore[assignment]
-
-TRITON_AVAILABLE: bool = triton_lora is not None
 KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
 Backend = Literal["torch", "triton"]
+
+
+def _triton_importable() -> bool:
+    """Whether the optional ``triton`` package imports (``pip install "peft-vision-lora[triton]"``).
+
+    Only triton's own ImportError means "not available": our kernel module is imported where it runs
+    (:func:`_triton_kernels`), so a bug in it raises its real error instead of silently falling back to torch.
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TRITON_AVAILABLE: bool = _triton_importable()
+
+
+def _triton_kernels() -> ModuleType:
+    from . import triton_lora
+
+    return triton_lora
+
+
+def check_kernel_name(kernel: str) -> None:
+    """The one check of a ``kernel`` value (the config runs it up front, the dispatcher before each choice)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"Unknown kernel {kernel!r}; supported values are {', '.join(repr(k) for k in KERNELS)}.")
 
 
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of `device`: CUDA, or any device under Triton's interpreter."""
     if not TRITON_AVAILABLE:
         return False
-    return device.type == "cuda" or triton_lora.INTERPRETED
+    return device.type == "cuda" or _triton_kernels().INTERPRETED
 
 
 def resolve_kernel(kernel: str, device: torch.device | str) -> Backend:
     """Map a user's `kernel` choice to the backend that runs on `device`; raise if the choice cannot be honoured."""
+    check_kernel_name(kernel)
     device = torch.device(device)
     if kernel == "torch":
         return "torch"
     if kernel == "auto":
         # the interpreter is for testing the kernels, never a default
         return "triton" if (TRITON_AVAILABLE and device.type == "cuda") else "torch"
-    if kernel == "triton":
-        if not TRITON_AVAILABLE:
-            raise ValueError(
-                "kernel='triton' needs the `triton` package, which is not importable here. Install it with "
-                "`pip install 'peft-vision-lora[triton]'`, or use kernel='auto' (falls back to torch) or 'torch'."
-            )
-        if not triton_runs_on(device):
-            raise ValueError(
-                f"kernel='triton' runs on CUDA tensors, got a tensor on {device}. Use kernel='auto' or 'torch' "
-                "here, or set TRITON_INTERPRET=1 before importing triton (and so before peft) to run the kernels "
-                "in Triton's slow CPU interpreter for testing."
-            )
-        return "triton"
-    raise ValueError(f"Unknown kernel {kernel!r}; supported values are {', '.join(repr(k) for k in KERNELS)}.")
+    if not TRITON_AVAILABLE:
+        raise ValueError(
+            "kernel='triton' needs the `triton` package, which is not importable here. Install it with "
+            "`pip install 'peft-vision-lora[triton]'`, or use kernel='auto' (falls back to torch) or 'torch'."
+        )
+    if not triton_runs_on(device):
+        raise ValueError(
+            f"kernel='triton' runs on CUDA tensors, got a tensor on {device}. Use kernel='auto' or 'torch' "
+            "here, or set TRITON_INTERPRET=1 before importing triton (and so before peft) to run the kernels "
+            "in Triton's slow CPU interpreter for testing."
+        )
+    return "triton"
 
 
 def lora_linear(
@@ -67,5 +89,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """`y = x W^T + b + s * dropout(x) A^T B^T` on the backend `kernel` resolves to for `x.device`."""
     if resolve_kernel(kernel, x.device) == "triton":
-        return triton_lora.lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)
+        return _triton_kernels().lora_linear_triton(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed
+        )
     return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .components import module_kind, resolve_components, unwrap_model
-from .config import VisionLoraConfig
-from .quantization import quantized_layer_path
-from .targets import compile_targets
+from ..resolve.components import resolve_components, unwrap_model
+from ..resolve.module_kinds import module_kind, quantized_layer_path
+from ..resolve.names import OTHER
+from ..resolve.targets import compile_targets
+from ..tuner.config import VisionLoraConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def _adapted_rows(model: nn.Module, adapter_name: str) -> list[ExplainRow]:
         params += sum(p.numel() for p in module.lora_B[adapter_name].parameters())
         path = getattr(module, "kernel_path", None)
         path = path() if callable(path) else (path or quantized_layer_path(module) or "peft")
-        component = components.component_of(name) or "other"
+        component = components.component_of(name) or OTHER
         kind = "projector" if component == "projector" else module_kind(modules, name)
         rows.append(ExplainRow(name, component, kind, int(module.r[adapter_name]), int(params), str(path)))
     return rows
@@ -72,8 +74,6 @@ def explain(
 
 def _fresh_copy(config: VisionLoraConfig) -> VisionLoraConfig:
     """A dry run must not mark the user's config as resolved."""
-    import copy
-
     return copy.deepcopy(config)
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .components import ComponentMap, layer_slot, resolve_components, unwrap_model
-from .config import COMPONENTS, VisionLoraConfig
-from .report import DESIGN_CLAIMS, STRATEGIES
-from .targets import compile_targets
-from .zoo import ZOO_MODEL_TYPES, ZooBuildError, build_full_size_on_meta, build_zoo_model
+from ..resolve.components import ComponentMap, layer_slot, resolve_components, unwrap_model
+from ..resolve.names import COMPONENT_FLAGS, COMPONENTS, MODULE_KINDS, OTHER
+from ..resolve.targets import compile_targets
+from ..tuner.config import VisionLoraConfig
+from ..zoo.catalog import ZOO_MODEL_TYPES, ZooBuildError, build_full_size_on_meta, build_zoo_model
+from .strategies import DESIGN_CLAIMS, STRATEGIES
 
 # Strategies beyond the design's three: the projector alone (LoRA), and the audio tower of omni models.
 ALL_STRATEGIES: dict[str, dict[str, bool]] = {
@@ -27,9 +28,6 @@ ALL_STRATEGIES: dict[str, dict[str, bool]] = {
     "projector": {"finetune_vision_layers": False, "finetune_language_layers": False, "finetune_projector": True},
     "audio": {"finetune_vision_layers": False, "finetune_language_layers": False, "finetune_audio_layers": True},
 }
-
-
-_FLAG = {"vision": "finetune_vision_layers", "language": "finetune_language_layers", "projector": "finetune_projector"}
 
 
 @dataclass(frozen=True)
@@ -104,12 +102,12 @@ def component_rows(model: nn.Module) -> list[ComponentRow]:
     for component in COMPONENTS:
         if not components[component]:
             continue
-        kinds: dict[str, int] = {"attention": 0, "mlp": 0, "other": 0}
+        kinds: dict[str, int] = dict.fromkeys(MODULE_KINDS, 0)
         stacks: dict[str, int] = {}
         for target in targets:
             if target.component != component:
                 continue
-            kind = target.kind if target.kind in kinds else "other"
+            kind = target.kind if target.kind in kinds else OTHER
             kinds[kind] += 1
             slot = layer_slot(components, modules, component, target.name)
             if slot is not None:
@@ -120,16 +118,7 @@ def component_rows(model: nn.Module) -> list[ComponentRow]:
 
 
 def _single(component: str, off: dict[str, bool]) -> VisionLoraConfig:
-    flags = dict(off)
-    if component == "projector":
-        flags["finetune_projector"] = True
-    elif component in ("vision", "language"):
-        flags[f"finetune_{component}_layers"] = True
-    elif component == "audio":
-        flags["finetune_audio_layers"] = True
-    else:
-        flags[f"finetune_{component}"] = True
-    return VisionLoraConfig(r=1, **flags)
+    return VisionLoraConfig(r=1, **{**off, COMPONENT_FLAGS[component]: True})
 
 
 def strategy_counts(model: nn.Module, r: int = 16) -> dict[str, StrategyCount]:
@@ -140,7 +129,9 @@ def strategy_counts(model: nn.Module, r: int = 16) -> dict[str, StrategyCount]:
     for strategy, flags in ALL_STRATEGIES.items():
         if strategy == "audio" and not components["audio"]:
             continue
-        missing = [c for c in ("vision", "language", "projector") if flags.get(_FLAG[c]) and not components[c]]
+        missing = [
+            c for c in ("vision", "language", "projector") if flags.get(COMPONENT_FLAGS[c]) and not components[c]
+        ]
         if missing:
             names = {"vision": "vision tower", "language": "language model", "projector": "projector"}
             reason = "no " + " and no ".join(names[c] for c in missing) + " on this model"

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .components import resolve_components, unwrap_model
-from .config import VisionLoraConfig
-from .targets import compile_targets
+from ..resolve.components import resolve_components, unwrap_model
+from ..resolve.targets import compile_targets
+from ..tuner.config import VisionLoraConfig
 
 DESIGN_CLAIMS = {"language": (0.50, 0.70), "vision": (0.30, 0.50)}
 STRATEGIES: dict[str, dict[str, bool]] = {

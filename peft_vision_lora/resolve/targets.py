@@ -11,27 +11,50 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .components import (
-    ComponentMap,
-    ComponentResolutionError,
-    is_candidate_linear,
-    is_embedding_path,
-    is_inert_linear,
-    is_router,
-    layer_slot,
-    module_kind,
-    output_heads,
-    resolve_components,
-    unwrap_model,
-)
-from .config import VisionLoraConfig, VisionLoraConfigError
+from ..errors import ComponentResolutionError, VisionLoraConfigError
+from .components import ComponentMap, is_embedding_path, layer_slot, output_heads, resolve_components, unwrap_model
+from .module_kinds import is_candidate_linear, is_inert_linear, is_router, module_kind
+from .names import ATTENTION, COMPONENT_FLAGS, MLP
 
-_TOWER_COMPONENTS = ("vision", "language", "cross_attention", "qformer", "audio")
+
+class TargetRequest(Protocol):
+    """What compilation reads from a config, and :func:`apply_plan` writes back: ``VisionLoraConfig`` is one.
+
+    A protocol, not an import, so that resolution sits below the tuner and knows nothing of it.
+    """
+
+    r: int
+    lora_alpha: int
+    target_modules: Any
+    requested_target_modules: Any
+    exclude_modules: Any
+    modules_to_save: list[str] | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, int]
+    finetune_vision_layers: bool
+    finetune_language_layers: bool
+    finetune_attention_modules: bool
+    finetune_mlp_modules: bool
+    finetune_projector: bool | str
+    finetune_cross_attention: bool
+    finetune_qformer: bool
+    finetune_audio_layers: bool
+    component_layers: dict[str, list[int]]
+
+    @property
+    def is_resolved(self) -> bool: ...
+
+    def rank_for(self, component: str) -> int: ...
+
+    def alpha_for(self, component: str) -> int: ...
+
+    def selected_components(self) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +121,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])
 
 
-def _requested(config: VisionLoraConfig) -> str | list[str] | set[str]:
+def _requested(config: TargetRequest) -> str | list[str] | set[str]:
     requested = config.requested_target_modules if config.is_resolved else config.target_modules
     return "all-linear" if requested is None else requested
 
@@ -120,7 +143,7 @@ def _filter_requested(names: list[str], requested: str | list[str] | set[str]) -
     return kept
 
 
-def _excluded_by_user(config: VisionLoraConfig, name: str) -> bool:
+def _excluded_by_user(config: TargetRequest, name: str) -> bool:
     """PEFT's ``exclude_modules`` semantics (regex string, or names/suffixes), applied before reporting."""
     excluded = config.exclude_modules
     if not excluded:
@@ -130,33 +153,22 @@ def _excluded_by_user(config: VisionLoraConfig, name: str) -> bool:
     return name in excluded or any(name.endswith(f".{e}") for e in excluded)
 
 
-def _wanted(config: VisionLoraConfig, component: str, kind: str) -> bool:
+def _wanted(config: TargetRequest, component: str, kind: str) -> bool:
     if component == "projector":
         return config.finetune_projector is True
-    on = {
-        "vision": config.finetune_vision_layers,
-        "language": config.finetune_language_layers,
-        "cross_attention": config.finetune_cross_attention,
-        "qformer": config.finetune_qformer,
-        "audio": config.finetune_audio_layers,
-    }[component]
-    if not on:
+    if not getattr(config, COMPONENT_FLAGS[component]):
         return False
-    if kind == "attention":
+    if kind == ATTENTION:
         return bool(config.finetune_attention_modules)
-    if kind == "mlp":
+    if kind == MLP:
         return bool(config.finetune_mlp_modules)
     # Linears in neither an attention nor an MLP block go with "all of this component".
     return bool(config.finetune_attention_modules and config.finetune_mlp_modules)
 
 
-def _check_components_exist(config: VisionLoraConfig, components: ComponentMap) -> None:
-    asked = {
-        "vision": config.finetune_vision_layers,
-        "language": config.finetune_language_layers,
-    }
-    for component, on in asked.items():
-        if on and not components[component]:
+def _check_components_exist(config: TargetRequest, components: ComponentMap) -> None:
+    for component in ("vision", "language"):
+        if getattr(config, COMPONENT_FLAGS[component]) and not components[component]:
             raise ComponentResolutionError(
                 f"finetune_{component}_layers=True but no {component} tower was found on model_type "
                 f"{components.model_type!r} (found: {components.describe()}). Set finetune_{component}_layers=False, "
@@ -191,7 +203,7 @@ def compact_regex(selected: set[str], universe: list[str]) -> str:
 
 
 def _keep_requested_layers(
-    config: VisionLoraConfig, components: ComponentMap, modules: dict[str, nn.Module], targets: list[Target]
+    config: TargetRequest, components: ComponentMap, modules: dict[str, nn.Module], targets: list[Target]
 ) -> list[Target]:
     """Keep, per component in ``config.component_layers``, only targets in the listed layers of each of its stacks.
 
@@ -219,7 +231,7 @@ def _keep_requested_layers(
     return [t for t in targets if t.component not in layered or t.name in set(kept)]
 
 
-def compile_targets(model: nn.Module, config: VisionLoraConfig, components: ComponentMap | None = None) -> TargetPlan:
+def compile_targets(model: nn.Module, config: TargetRequest, components: ComponentMap | None = None) -> TargetPlan:
     """Resolve ``config``'s flags on ``model``; raises a clear error (touching nothing) when the result is empty."""
     model = unwrap_model(model)
     components = components or resolve_components(model)
@@ -285,7 +297,7 @@ def compile_targets(model: nn.Module, config: VisionLoraConfig, components: Comp
     )
 
 
-def apply_plan(config: VisionLoraConfig, plan: TargetPlan) -> None:
+def apply_plan(config: TargetRequest, plan: TargetPlan) -> None:
     """Write the compiled targets back into ``config`` so the saved adapter reloads without re-resolving."""
     if not config.is_resolved:
         requested = config.target_modules

@@ -1,18 +1,12 @@
-"""Save adapters atomically, load them strictly, and push them to the Hub with their model card.
+"""Atomic adapter saves: a save killed midway leaves the previous adapter untouched.
 
-Atomic saves: ``save_pretrained`` of a model with a ``VISION_LORA`` adapter (see :mod:`.peft_model_hooks`) and
-``save_adapter`` let PEFT write into a temporary folder next to the target and then swap the folders in one
-``renameat2(RENAME_EXCHANGE)`` (Linux); a save killed midway leaves the previous adapter untouched. Files of the
-target that the new save does not produce (a tokenizer, checkpoints) are hard-linked into the new folder first, so
-the swap loses nothing that an in-place ``save_pretrained`` would have kept. Where a folder cannot be swapped whole
-(a symlink, a mount point, a read-only parent, other ranks of a distributed run writing into it) the files are
-staged inside it and each is renamed into place: never a half-written file, but no single switch-over either.
-
-Strict loading: ``VisionLoraModel._remap_adapter_state_dict_for_load`` (PEFT's per-tuner load hook) calls
-``remap_and_check`` so that every adapter weight must land on a module of the model and every adapted module must
-get its weights; anything else raises :class:`AdapterLoadError` naming the keys. Keys saved under an older
-transformers module layout (``language_model.model.layers`` before ``model.language_model.layers``) are renamed with
-transformers' own checkpoint-conversion rules for the model, and the rename is logged.
+``save_pretrained`` of a model with a ``VISION_LORA`` adapter (see :mod:`.peft_model_hooks`) and :func:`save_adapter`
+let PEFT write into a temporary folder next to the target and then swap the folders in one
+``renameat2(RENAME_EXCHANGE)`` (Linux). Files of the target that the new save does not produce (a tokenizer,
+checkpoints) are hard-linked into the new folder first, so the swap loses nothing that an in-place
+``save_pretrained`` would have kept. Where a folder cannot be swapped whole (a symlink, a mount point, a read-only
+parent, other ranks of a distributed run writing into it) the files are staged inside it and each is renamed into
+place: never a half-written file, but no single switch-over either.
 """
 
 from __future__ import annotations
@@ -28,150 +22,15 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
-HUB_FILE_SUFFIXES = (".safetensors", ".json", ".md")
-_SHOWN_KEYS = 12
-
-
-class AdapterLoadError(ValueError):
-    """Adapter weights do not fit the model: some weights match no module, or some adapted modules got none."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Strict loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _model_keys(model: nn.Module) -> tuple[set[str], Callable[[str], str]]:
-    """The model's state-dict keys and a function putting checkpoint keys in the same form (prefix or not)."""
-    keys = set(model.state_dict())
-    if any(k.startswith(PEFT_PREFIX) for k in keys):
-        return keys, lambda k: k
-    # Adapter injected into a bare model (transformers integration): PEFT strips the prefix after the remap.
-    return keys, lambda k: k.removeprefix(PEFT_PREFIX)
-
-
-def adapter_parameter_keys(model: nn.Module, adapter_name: str) -> set[str]:
-    """State-dict keys that belong to ``adapter_name``: its LoRA tensors and its ``modules_to_save`` copies."""
-    state = model.state_dict()
-    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    keys = set(_filter_state_dict_by_key_prefixes(state, prefixes))
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            prefix = f"{name}.modules_to_save.{adapter_name}."
-            keys.update(k for k in state if k.startswith(prefix))
-    return keys
-
-
-def _legacy_renamer(model: nn.Module) -> Callable[[str], str] | None:
-    """transformers' key renames for this model class (module-layout changes between versions), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(getattr(base, "config", None), "model_type"):
-        return None
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # pragma: no cover - transformers < 5
-        return None
-    renamings = [c for c in get_model_conversion_mapping(base) if isinstance(c, WeightRenaming)]
-    if not renamings:
-        return None
-    return lambda key: rename_source_key(key, renamings, [])[0]
-
-
-def _rename_summary(renames: dict[str, str]) -> str:
-    """``old.prefix.* -> new.prefix.* (N keys)`` lines: the part before the common tail of each pair."""
-    counts: Counter[tuple[str, str]] = Counter()
-    for old, new in renames.items():
-        old_parts, new_parts = old.removeprefix(PEFT_PREFIX).split("."), new.removeprefix(PEFT_PREFIX).split(".")
-        tail = 0
-        while tail < min(len(old_parts), len(new_parts)) and old_parts[-1 - tail] == new_parts[-1 - tail]:
-            tail += 1
-        if tail == min(len(old_parts), len(new_parts)):
-            tail -= 1  # one side is a suffix of the other: show the first shared segment too
-        counts[(".".join(old_parts[: len(old_parts) - tail]), ".".join(new_parts[: len(new_parts) - tail]))] += 1
-    return "; ".join(f"{old}.* -> {new}.* ({n} keys)" for (old, new), n in sorted(counts.items()))
-
-
-def rename_legacy_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
-    """Checkpoint key -> key in the model's current layout, for the given keys that transformers would rename."""
-    rename = _legacy_renamer(model)
-    if rename is None:
-        return {}
-    renames = {}
-    for key in keys:
-        bare = key.removeprefix(PEFT_PREFIX)
-        new = rename(bare)
-        if new != bare:
-            renames[key] = key[: len(key) - len(bare)] + new
-    return renames
-
-
-def _format_keys(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return f"[{shown}{f', ... ({len(keys) - _SHOWN_KEYS} more)' if len(keys) > _SHOWN_KEYS else ''}]"
-
-
-def check_adapter_keys(model: nn.Module, adapter_name: str, remapped: dict[str, Any], base_model: str | None) -> None:
-    """Raise :class:`AdapterLoadError` unless ``remapped`` (model-form keys) covers the adapter exactly."""
-    model_keys, normalise = _model_keys(model)
-    unexpected = sorted(k for k in remapped if normalise(k) not in model_keys)
-    loaded = {normalise(k) for k in remapped}
-    missing = sorted(k for k in adapter_parameter_keys(model, adapter_name) if k not in loaded)
-    if not unexpected and not missing:
-        return
-    lines = [f"Adapter '{adapter_name}' does not fit this model; nothing was loaded."]
-    if unexpected:
-        lines.append(f"{len(unexpected)} adapter weight(s) match no module of the model: {_format_keys(unexpected)}.")
-    if missing:
-        lines.append(f"{len(missing)} adapted parameter(s) got no weights: {_format_keys(missing)}.")
-    lines.append(
-        f"Load the adapter onto the base model it was trained on (adapter_config.json says "
-        f"base_model_name_or_path={base_model!r}) with a transformers version that uses the same module names, or "
-        "re-save it from a model with this layout."
-    )
-    raise AdapterLoadError(" ".join(lines))
-
-
-def remap_and_check(
-    remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    model: nn.Module,
-    adapter_name: str,
-    state_dict: dict[str, torch.Tensor],
-    base_model: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Run PEFT's key remap; rename keys of an older module layout if needed; then demand an exact fit."""
-    remapped = remap(state_dict)
-    model_keys, normalise = _model_keys(model)
-    stray = [k for k in remapped if normalise(k) not in model_keys]
-    renames = rename_legacy_keys(model, stray) if stray else {}
-    if renames:
-        logger.warning(
-            "Adapter '%s' was saved with an older transformers module layout; remapped %d key(s): %s",
-            adapter_name,
-            len(renames),
-            _rename_summary(renames),
-        )
-        remapped = remap({renames.get(k, k): v for k, v in state_dict.items()})
-    check_adapter_keys(model, adapter_name, remapped, base_model)
-    return remapped
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic folders
-# ----------------------------------------------------------------------------------------------------------------
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -441,84 +300,3 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, **save_kwa
     with atomic_save_folder(save_directory, updated_files=cards) as staged:
         model.save_pretrained(str(staged), **save_kwargs)
     return Path(save_directory)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hub
-# ----------------------------------------------------------------------------------------------------------------
-
-
-DEFAULT_COMMIT_MESSAGE = "Upload adapter (peft-vision-lora)"
-
-
-def _existing_card(repo_id: str, token: str | bool | None) -> str | None:
-    """The repo's README.md, kept as transformers' ``push_to_hub`` keeps it; None for a repo without one."""
-    from huggingface_hub import ModelCard
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return ModelCard.load(repo_id, token=token).content
-    except EntryNotFoundError:
-        return None
-
-
-def push_adapter_to_hub(
-    model: nn.Module,
-    repo_id: str,
-    *,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    tags: list[str] | None = None,
-    selected_adapters: list[str] | None = None,
-):
-    """Upload the adapter weights (safetensors only), ``adapter_config.json`` and the model card to ``repo_id``.
-
-    What ``model.push_to_hub`` runs for models with a ``VISION_LORA`` adapter (transformers' own mixin would replace
-    README.md with a generic transformers card). The card is the one ``save_pretrained`` writes, with loading
-    instructions naming ``repo_id``; a card already on the Hub is updated, keeping text written outside our section.
-    Returns ``HfApi.create_commit``'s ``CommitInfo``.
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from .card import add_tags, write_model_card
-
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        try:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        except HfHubHTTPError as error:  # as transformers: no right to branch, but a PR may still be opened
-            if not (create_pr and error.response is not None and error.response.status_code == 403):
-                raise
-    existing_card = _existing_card(repo_id, token)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        if existing_card is not None:
-            (folder / "README.md").write_text(existing_card, encoding="utf-8")
-        with writing_into_private_folder():
-            model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=selected_adapters)
-        for config_file in folder.rglob("adapter_config.json"):
-            adapter_dir = config_file.parent
-            name = adapter_dir.relative_to(folder).as_posix()
-            adapter = model.peft_config["default" if name == "." else name]
-            write_model_card(adapter_dir, adapter, repo_id=repo_id, subfolder=None if name == "." else name)
-        if tags:
-            for readme in folder.rglob("README.md"):
-                add_tags(readme, list(tags))
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(HUB_FILE_SUFFIXES))
-        operations = [
-            CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
-        ]
-        return api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )

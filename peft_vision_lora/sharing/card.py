@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 from peft import __version__ as peft_version
 from safetensors import safe_open
 
-from .config import COMPONENTS
+from ..resolve.names import COMPONENTS, OTHER
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_START = "<!-- peft-vision-lora card: start (regenerated on save) -->"
@@ -28,11 +28,12 @@ CARD_END = "<!-- peft-vision-lora card: end -->"
 # The first comment of huggingface_hub's default template, which PEFT fills in: nothing a user wrote.
 _HUB_TEMPLATE_MARKER = "<!-- Provide a quick summary of what the model is/does. -->"
 FULL = "fully trained"  # modules_to_save rows
-OTHER = "other"
 
 
 @dataclass(frozen=True)
-class ComponentRow:
+class SavedComponentRow:
+    """One component of a saved adapter, read from its weights: for the card, without the base model."""
+
     component: str
     modules: int
     ranks: tuple[int, ...]
@@ -60,14 +61,17 @@ def module_of(key: str) -> str:
     return bare.rsplit(".", 1)[0]
 
 
-def component_of(module: str, component_targets: dict[str, str]) -> str:
+def saved_component_of(module: str, component_targets: dict[str, str]) -> str:
+    """The component of a saved module, from the config's ``component_targets`` regexes (no model needed)."""
     for component, pattern in component_targets.items():
         if re.fullmatch(pattern, module):
             return component
     return OTHER
 
 
-def component_rows(shapes: dict[str, tuple[int, ...]], component_targets: dict[str, str]) -> list[ComponentRow]:
+def saved_component_rows(
+    shapes: dict[str, tuple[int, ...]], component_targets: dict[str, str]
+) -> list[SavedComponentRow]:
     """Modules, ranks and parameter counts per component; fully trained modules (modules_to_save) get one row."""
     ranks: dict[str, int] = {}
     params: dict[str, int] = {}
@@ -81,11 +85,11 @@ def component_rows(shapes: dict[str, tuple[int, ...]], component_targets: dict[s
             ranks[module] = shape[0]
     grouped: dict[str, list[str]] = {}
     for module in params:
-        component = component_of(module, component_targets) if module in ranks else FULL
+        component = saved_component_of(module, component_targets) if module in ranks else FULL
         grouped.setdefault(component, []).append(module)
     order = [*COMPONENTS, OTHER, FULL]
     return [
-        ComponentRow(
+        SavedComponentRow(
             component,
             len(grouped[component]),
             tuple(sorted({ranks[m] for m in grouped[component] if m in ranks})),
@@ -95,7 +99,7 @@ def component_rows(shapes: dict[str, tuple[int, ...]], component_targets: dict[s
     ]
 
 
-def strategy_of(rows: list[ComponentRow]) -> str:
+def strategy_of(rows: list[SavedComponentRow]) -> str:
     """``vision-projector-language`` style name of what the adapter trains (the Hub tag's suffix)."""
     parts = [row.component for row in rows if row.component in COMPONENTS]
     if any(row.component == FULL for row in rows):
@@ -103,7 +107,7 @@ def strategy_of(rows: list[ComponentRow]) -> str:
     return "-".join(parts) or "none"
 
 
-def _table(rows: list[ComponentRow]) -> str:
+def _table(rows: list[SavedComponentRow]) -> str:
     lines = ["| component | modules | rank | trainable parameters |", "|---|---:|---:|---:|"]
     for row in rows:
         rank = "full" if row.component == FULL else "/".join(str(r) for r in row.ranks)
@@ -152,7 +156,7 @@ def _settings(config: Any) -> str:
 
 
 def render_card_section(
-    rows: list[ComponentRow], config: Any, *, adapter: str, plain_lora: bool, subfolder: str | None = None
+    rows: list[SavedComponentRow], config: Any, *, adapter: str, plain_lora: bool, subfolder: str | None = None
 ) -> str:
     base_model = config.base_model_name_or_path or "BASE_MODEL"
     total = sum(r.params for r in rows)
@@ -214,7 +218,7 @@ def write_model_card(
     if not weights.is_file():
         return None
     targets = component_targets if component_targets is not None else getattr(config, "component_targets", {})
-    rows = component_rows(weight_shapes(weights), targets or {})
+    rows = saved_component_rows(weight_shapes(weights), targets or {})
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     plain_lora = peft_type == "LORA"
     readme = directory / "README.md"

@@ -29,9 +29,9 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .card import WEIGHTS_NAME, component_of, module_of, write_model_card
-from .config import COMPONENTS
-from .saving import atomic_directory
+from ..resolve.names import check_known_components
+from .atomic_save import atomic_directory
+from .card import WEIGHTS_NAME, module_of, saved_component_of, write_model_card
 
 LANGUAGE_ONLY = ("language",)
 # Bookkeeping fields of PeftConfig that the new config sets for itself.
@@ -75,7 +75,7 @@ def _keep_components(
     kept = {
         k: v
         for k, v in weights.items()
-        if (component_of(module_of(k), targets) in keep if ".lora_" in k else "projector" in keep)
+        if (saved_component_of(module_of(k), targets) in keep if ".lora_" in k else "projector" in keep)
     }
     if not any(".lora_" in k for k in kept):
         raise ValueError(f"No adapted module belongs to {list(keep)}; the adapter covers {sorted(targets)}.")
@@ -166,8 +166,8 @@ def export_lora(
     if language_only and components is not None:
         raise ValueError("Pass either language_only=True or components=[...], not both.")
     keep = LANGUAGE_ONLY if language_only else (tuple(components) if components is not None else None)
-    if keep is not None and (unknown := sorted(set(keep) - set(COMPONENTS))):
-        raise ValueError(f"Unknown component(s) {unknown}; components are {COMPONENTS}.")
+    if keep is not None:
+        check_known_components("components", keep)
     if not isinstance(model_or_dir, nn.Module) and Path(model_or_dir).resolve() == Path(out_dir).resolve():
         raise ValueError("out_dir must differ from the adapter folder: the export would replace the original.")
 

@@ -14,9 +14,10 @@ Why wrap methods of ``PeftModel``: all three belong to ``PeftModel`` (``push_to_
 
 Each wrapper first asks whether the model holds a ``VISION_LORA`` adapter. If not, PEFT's method runs unchanged, so
 other tuners behave exactly as without this package. If so, ``save_pretrained`` runs PEFT's own method on a staging
-folder that replaces the target atomically (:func:`.saving.atomic_save_folder`), ``push_to_hub`` uploads through
-:func:`.saving.push_adapter_to_hub`, and ``create_or_update_model_card`` completes the card after PEFT's update.
-:func:`install` runs once, from :func:`.registration.register_vision_lora`.
+folder that replaces the target atomically (:func:`.atomic_save.atomic_save_folder`) and writes our card beside
+each adapter, ``push_to_hub`` uploads through :func:`.hub.push_adapter_to_hub`, and ``create_or_update_model_card``
+completes the card after PEFT's update. :func:`install` runs once, when ``peft_vision_lora`` is imported;
+:func:`uninstall` restores PEFT's methods.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from typing import Any
 from huggingface_hub import ModelCard
 from peft import PeftModel
 
+from ..tuner.peft_type import PEFT_TYPE_NAME
+from .atomic_save import atomic_save_folder, model_card_paths, writing_staged
 from .card import add_tags, write_model_card
-from .registration import PEFT_TYPE_NAME
-from .saving import atomic_save_folder, model_card_paths, push_adapter_to_hub, writing_staged
+from .hub import push_adapter_to_hub
 
 _WRAPPED = "__peft_vision_lora_wrapper__"  # PEFT's method itself stays at `__wrapped__`
 # Keyword arguments of transformers' PushToHubMixin.push_to_hub (5.x); all are honoured except max_shard_size,
@@ -59,12 +61,23 @@ def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
         except TypeError:
             return original(self, save_directory, *args, **kwargs)  # PEFT raises its own error
         selected = arguments.get("selected_adapters")
-        if writing_staged() or not arguments.get("is_main_process", True) or not vision_lora_adapters(self, selected):
+        ours = vision_lora_adapters(self, selected)
+        if not arguments.get("is_main_process", True) or not ours:
             return original(self, save_directory, *args, **kwargs)
+        if writing_staged():  # already inside a staging or scratch folder (save_adapter, push_to_hub)
+            original(self, save_directory, *args, **kwargs)
+            return _write_cards(Path(save_directory), ours)
         with atomic_save_folder(save_directory, updated_files=model_card_paths(self, selected)) as staged:
-            return original(self, str(staged), *args, **kwargs)
+            original(self, str(staged), *args, **kwargs)
+            return _write_cards(staged, ours)
 
     return save_pretrained
+
+
+def _write_cards(folder: Path, adapters: dict[str, Any]) -> None:
+    """Our card beside each saved adapter, once its weights are written (PEFT's layout: default at the top)."""
+    for name, config in adapters.items():
+        write_model_card(folder if name == "default" else folder / name, config)
 
 
 def _push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,6 +120,11 @@ _WRAPPERS = {
 }
 
 
+def installed() -> bool:
+    """Whether ``PeftModel`` currently carries our wrappers."""
+    return all(getattr(getattr(PeftModel, name), _WRAPPED, False) for name in _WRAPPERS)
+
+
 def install() -> None:
     """Wrap the three methods on ``PeftModel`` (its subclasses inherit them); a second call changes nothing."""
     for name, wrap in _WRAPPERS.items():
@@ -116,3 +134,14 @@ def install() -> None:
         wrapper = wrap(current)
         setattr(wrapper, _WRAPPED, True)
         setattr(PeftModel, name, wrapper)
+
+
+def uninstall() -> None:
+    """Put PEFT's own methods back (each wrapper keeps it at ``__wrapped__``); a second call changes nothing.
+
+    Adapters of ours then save in place, without a card, and ``push_to_hub`` uploads transformers' generic card.
+    """
+    for name in _WRAPPERS:
+        current = getattr(PeftModel, name)
+        if getattr(current, _WRAPPED, False):
+            setattr(PeftModel, name, current.__wrapped__)

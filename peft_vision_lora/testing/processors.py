@@ -18,10 +18,11 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PretrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
-from ..tiny_models import END_TOKEN, IMAGE, IMAGE_TOKEN, START_TOKEN, VIDEO_TOKEN, VOCAB, tiny_config
+from ..data.recipes import PROCESSOR_MODEL_TYPES
+from ..zoo.tiny import END_TOKEN, IMAGE, IMAGE_TOKEN, START_TOKEN, VIDEO_TOKEN, VOCAB, tiny_config
 from .synthetic import tokenizer_corpus
 
-__all__ = ["PROCESSOR_MODEL_TYPES", "build_processor", "build_tokenizer", "image_placeholder_ids"]
+__all__ = ["PROCESSOR_MODEL_TYPES", "build_processor", "build_tokenizer"]
 
 FIRST_SPECIAL = 500  # ids from here on are the family's special tokens (tiny_models reserves 500-511)
 
@@ -118,27 +119,24 @@ _MLLAMA = TokenizerSpec(
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How one model type gets its processor."""
+class TinyProcessorRecipe:
+    """How one family's offline processor is made: its tokenizer's special tokens and its chat template."""
 
     spec: TokenizerSpec
     template: str
-    nested_images: bool  # processor wants images as one list per row (else one flat list for the batch)
-    text_only_rows: bool  # rows without images are allowed in a batch
 
 
-RECIPES: dict[str, Recipe] = {
-    "qwen2_vl": Recipe(_QWEN, QWEN_TEMPLATE, nested_images=False, text_only_rows=True),
-    "qwen2_5_vl": Recipe(_QWEN, QWEN_TEMPLATE, nested_images=False, text_only_rows=True),
-    "llava": Recipe(_LLAVA, LLAVA_TEMPLATE, nested_images=False, text_only_rows=True),
-    "llava_next": Recipe(_LLAVA, LLAVA_TEMPLATE, nested_images=False, text_only_rows=True),
-    "idefics3": Recipe(_IDEFICS3, IDEFICS3_TEMPLATE, nested_images=True, text_only_rows=True),
-    "smolvlm": Recipe(_IDEFICS3, SMOLVLM_TEMPLATE, nested_images=True, text_only_rows=True),
-    "paligemma": Recipe(_PALIGEMMA, PALIGEMMA_TEMPLATE, nested_images=True, text_only_rows=False),
-    "gemma3": Recipe(_GEMMA3, GEMMA3_TEMPLATE, nested_images=True, text_only_rows=True),
-    "mllama": Recipe(_MLLAMA, MLLAMA_TEMPLATE, nested_images=True, text_only_rows=True),
+TINY_RECIPES: dict[str, TinyProcessorRecipe] = {
+    "qwen2_vl": TinyProcessorRecipe(_QWEN, QWEN_TEMPLATE),
+    "qwen2_5_vl": TinyProcessorRecipe(_QWEN, QWEN_TEMPLATE),
+    "llava": TinyProcessorRecipe(_LLAVA, LLAVA_TEMPLATE),
+    "llava_next": TinyProcessorRecipe(_LLAVA, LLAVA_TEMPLATE),
+    "idefics3": TinyProcessorRecipe(_IDEFICS3, IDEFICS3_TEMPLATE),
+    "smolvlm": TinyProcessorRecipe(_IDEFICS3, SMOLVLM_TEMPLATE),
+    "paligemma": TinyProcessorRecipe(_PALIGEMMA, PALIGEMMA_TEMPLATE),
+    "gemma3": TinyProcessorRecipe(_GEMMA3, GEMMA3_TEMPLATE),
+    "mllama": TinyProcessorRecipe(_MLLAMA, MLLAMA_TEMPLATE),
 }
-PROCESSOR_MODEL_TYPES: tuple[str, ...] = tuple(RECIPES)
 
 
 @functools.cache
@@ -307,12 +305,12 @@ def build_processor(model_or_type: Any) -> ProcessorMixin:
     else:
         config = model_or_type if isinstance(model_or_type, PretrainedConfig) else model_or_type.config
     model_type = config.model_type
-    if model_type not in RECIPES:
+    if model_type not in TINY_RECIPES:
         raise ValueError(
             f"No offline processor for model type {model_type!r}; supported: {', '.join(PROCESSOR_MODEL_TYPES)}."
         )
     _check_fits(config, model_type)
-    recipe = RECIPES[model_type]
+    recipe = TINY_RECIPES[model_type]
     image_processor, extra = _image_processor_and_kwargs(model_type, config)
     tokenizer = build_tokenizer(recipe.spec, vocab_size=config.get_text_config().vocab_size)
     processor_class = _processor_class(model_type)
@@ -323,12 +321,3 @@ def build_processor(model_or_type: Any) -> ProcessorMixin:
     )
     processor.model_type = model_type
     return processor
-
-
-def image_placeholder_ids(processor: ProcessorMixin) -> set[int]:
-    """Ids of the tokens that stand for or frame images (never trained on: the model cannot predict pixels)."""
-    tokenizer = processor.tokenizer
-    recipe = RECIPES[processor.model_type]
-    tokens = {t for key, t in recipe.spec.attributes.items() if key.endswith("_token")}
-    tokens |= {recipe.spec.fixed[i] for i in (END_TOKEN, START_TOKEN, VIDEO_TOKEN) if i in recipe.spec.fixed}
-    return {tokenizer.convert_tokens_to_ids(t) for t in tokens}

@@ -14,9 +14,10 @@ from typing import Literal
 
 from peft import LoraConfig
 
-from .registration import ensure_peft_type
-
-COMPONENTS = ("vision", "projector", "language", "cross_attention", "qformer", "audio")
+from ..errors import VisionLoraConfigError
+from ..kernels.dispatch import check_kernel_name
+from ..resolve.names import BLOCK_COMPONENTS, COMPONENT_FLAGS, COMPONENTS, check_known_components
+from .peft_type import ensure_peft_type
 
 # The design's strategy table. Presets set the component flags; explicit flags win.
 TASK_PRESETS: dict[str, dict[str, bool]] = {
@@ -26,7 +27,6 @@ TASK_PRESETS: dict[str, dict[str, bool]] = {
     "domain_adaptation": {"finetune_vision_layers": True, "finetune_language_layers": False},
 }
 TASK_ALIASES = {"document": "ocr", "caption": "captioning", "domain": "domain_adaptation"}
-KERNELS = ("auto", "triton", "torch")
 # Initialisations that PEFT converts on save only for ``PeftType.LORA`` (PiSSA/OLoRA/CorDA/LoRA-GA conversion) or that
 # need PEFT's LoRA-only entry points (EVA, LoftQ): rejected instead of silently saving unconverted weights.
 UNSUPPORTED_INITS = ("pissa", "olora", "corda", "lora_ga", "eva", "loftq")
@@ -37,16 +37,6 @@ _FLAG_FIELDS = (
     "finetune_attention_modules",
     "finetune_mlp_modules",
 )
-
-
-class VisionLoraConfigError(ValueError):
-    """A VisionLoraConfig that cannot be honoured; still a ``ValueError`` for callers that catch that."""
-
-
-def _check_known_components(field_name: str, mapping: dict) -> None:
-    unknown = sorted(set(mapping) - set(COMPONENTS))
-    if unknown:
-        raise VisionLoraConfigError(f"Unknown component(s) {unknown} in `{field_name}`; components are {COMPONENTS}.")
 
 
 @dataclass
@@ -139,17 +129,6 @@ class VisionLoraConfig(LoraConfig):
         self._apply_task_preset()
         self._validate()
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Write adapter_config.json, then the model card (see :mod:`peft_vision_lora.card`).
-
-        ``PeftModel.save_pretrained`` saves the weights before the config, so at this point the card can count them;
-        a config saved on its own (no weights beside it) gets no card.
-        """
-        super().save_pretrained(save_directory, **kwargs)
-        from .card import write_model_card
-
-        write_model_card(save_directory, self)
-
     @property
     def is_resolved(self) -> bool:
         """True once targets were compiled on a model (then target_modules is the compiled regex)."""
@@ -181,13 +160,19 @@ class VisionLoraConfig(LoraConfig):
             raise VisionLoraConfigError(
                 f"`finetune_projector` must be False, True (LoRA) or 'full', got {self.finetune_projector!r}."
             )
-        if self.kernel not in KERNELS:
-            raise VisionLoraConfigError(f"Unknown kernel {self.kernel!r}; supported: {KERNELS}.")
-        for name, mapping in (("component_r", self.component_r), ("component_alpha", self.component_alpha)):
-            _check_known_components(name, mapping)
-            bad = {k: v for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
-            if bad and name == "component_r":
-                raise VisionLoraConfigError(f"Ranks in `component_r` must be positive integers, got {bad}.")
+        try:
+            check_kernel_name(self.kernel)
+        except ValueError as error:
+            raise VisionLoraConfigError(str(error)) from None
+        for name, mapping, what in (
+            ("component_r", self.component_r, "Ranks"),
+            ("component_alpha", self.component_alpha, "Alphas"),
+        ):
+            check_known_components(name, mapping)
+            bad = {k: v for k, v in mapping.items() if not _positive_number(v, integer=name == "component_r")}
+            if bad:
+                kind = "positive integers" if name == "component_r" else "positive numbers"
+                raise VisionLoraConfigError(f"{what} in `{name}` must be {kind}, got {bad}.")
         self._validate_component_layers()
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
@@ -204,7 +189,7 @@ class VisionLoraConfig(LoraConfig):
             raise VisionLoraConfigError(
                 f"`component_layers` must be a dict like {{'vision': [-2, -1]}}, got {self.component_layers!r}."
             )
-        _check_known_components("component_layers", self.component_layers)
+        check_known_components("component_layers", self.component_layers)
         for component, layers in self.component_layers.items():
             values = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
             if not isinstance(values, (list, tuple, range)) or not values:
@@ -226,8 +211,8 @@ class VisionLoraConfig(LoraConfig):
                 "qformer=False, audio=False. Enable at least one component flag (e.g. finetune_language_layers=True) "
                 "or pick a task preset."
             )
-        tower_parts = {"vision", "language", "cross_attention", "qformer", "audio"}
-        if components <= tower_parts and not self.finetune_attention_modules and not self.finetune_mlp_modules:
+        no_kind = not self.finetune_attention_modules and not self.finetune_mlp_modules
+        if components <= set(BLOCK_COMPONENTS) and no_kind:
             raise VisionLoraConfigError(
                 "no linear layer matched: finetune_attention_modules=False and finetune_mlp_modules=False select "
                 "nothing inside the chosen components. Enable one of them, or set finetune_projector."
@@ -235,18 +220,16 @@ class VisionLoraConfig(LoraConfig):
 
     def selected_components(self) -> set[str]:
         """Components whose linears the flags ask for (before looking at any model)."""
-        chosen = {
-            "vision": self.finetune_vision_layers,
-            "language": self.finetune_language_layers,
-            "projector": bool(self.finetune_projector),
-            "cross_attention": self.finetune_cross_attention,
-            "qformer": self.finetune_qformer,
-            "audio": self.finetune_audio_layers,
-        }
-        return {name for name, on in chosen.items() if on}
+        return {component for component, flag in COMPONENT_FLAGS.items() if getattr(self, flag)}
 
     def rank_for(self, component: str) -> int:
         return self.component_r.get(component, self.r)
 
     def alpha_for(self, component: str) -> int:
         return self.component_alpha.get(component, self.lora_alpha)
+
+
+def _positive_number(value: object, *, integer: bool) -> bool:
+    """A positive int (ranks), or a positive int or float (alphas); never a bool."""
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0

@@ -22,7 +22,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .kernels.dispatch import KERNELS, TRITON_AVAILABLE, lora_linear, resolve_kernel
+from ..kernels.dispatch import TRITON_AVAILABLE, check_kernel_name, lora_linear, resolve_kernel
 
 KERNEL_PATHS = ("triton", "torch-fused", "peft", "triton-unavailable")  # values of `kernel_path`
 
@@ -56,8 +56,7 @@ class VisionLoraLinear(LoraLinear):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         kernel = getattr(config, "kernel", "auto")  # a plain LoraConfig has no `kernel`: auto
-        if kernel not in KERNELS:
-            raise ValueError(f"Unknown kernel {kernel!r}; supported values are {', '.join(map(repr, KERNELS))}.")
+        check_kernel_name(kernel)
         if kernel == "triton" and not TRITON_AVAILABLE:
             raise ValueError(
                 "kernel='triton' needs the `triton` package: `pip install 'peft-vision-lora[triton]'`, "

@@ -17,11 +17,14 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from .components import ComponentResolutionError, resolve_components
+from ..errors import ComponentResolutionError
+from ..resolve.components import resolve_components
+from ..resolve.module_kinds import quantized_layer_path
+from ..resolve.names import OTHER
+from ..resolve.targets import apply_plan, compact_regex, compile_targets
 from .config import VisionLoraConfig
 from .layer import dispatch_vision_lora
-from .saving import remap_and_check
-from .targets import apply_plan, compact_regex, compile_targets
+from .strict_load import remap_and_check
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class VisionLoraModel(LoraModel):
         if ours:
             config.component_targets = _component_targets(model, adapter_name) or config.component_targets
 
-    # ---- strict loading (see peft_vision_lora.saving) -----------------------------------------------------------
+    # ---- strict loading (see peft_vision_lora.tuner.strict_load) ----------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -70,9 +73,7 @@ class VisionLoraModel(LoraModel):
     def _check_merge_allowed(self) -> None:
         # every merge path (merge_adapter, merge_and_unload) passes here: say what merging into a k-bit base loses
         super()._check_merge_allowed()
-        from .quantization import warn_if_merging_into_quantized
-
-        warn_if_merging_into_quantized(self.model)
+        _warn_if_merging_into_quantized(self.model)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
@@ -128,6 +129,29 @@ def _component_targets(model: nn.Module, adapter_name: str) -> dict[str, str]:
         return {}
     grouped: dict[str, set[str]] = {}
     for name in adapted:
-        grouped.setdefault(components.component_of(name) or "other", set()).add(name)
+        grouped.setdefault(components.component_of(name) or OTHER, set()).add(name)
     universe = [name for name, _ in model.named_modules()]
     return {component: compact_regex(names, universe) for component, names in sorted(grouped.items())}
+
+
+def _warn_if_merging_into_quantized(model: nn.Module) -> None:
+    """PEFT merges into a bnb base by dequantizing, adding the LoRA delta and re-quantizing. Say what that loses."""
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            path = quantized_layer_path(module)
+            if path is not None:
+                kinds[path] = kinds.get(path, 0) + 1
+    if not kinds:
+        return
+    counts = ", ".join(f"{n} {path.removeprefix('peft-')} layers" for path, n in sorted(kinds.items()))
+    warnings.warn(
+        f"Merging LoRA into a quantized base ({counts}): each merged weight is dequantized, the LoRA update added "
+        "and the sum re-quantized, so the update is rounded to 4/8-bit precision and mostly lost when it is small "
+        "next to the quantization step; the merged model's outputs differ from the unmerged adapter's, and "
+        "unmerging does not restore the original base exactly. To keep the adapter exact, keep it unmerged, or "
+        "load the base unquantized (bf16/fp16), attach the saved adapter with PeftModel.from_pretrained and "
+        "merge_and_unload there.",
+        UserWarning,
+        stacklevel=3,
+    )

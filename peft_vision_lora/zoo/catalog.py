@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from .tiny_models import _SPECIAL_IDS, _TINY_FIELDS, SUPPORTED_TINY_MODEL_TYPES, build_tiny_vlm, tiny_config
+from .tiny import _SPECIAL_IDS, _TINY_FIELDS, SUPPORTED_TINY_MODEL_TYPES, build_tiny_vlm, tiny_config
 
 __all__ = [
     "FULL_SIZE_ASSUMED",
