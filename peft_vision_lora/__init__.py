@@ -11,7 +11,7 @@ from . import quiet_imports  # noqa: F401
 from .card import write_model_card
 from .components import ComponentMap, ComponentResolutionError, resolve_components
 from .config import COMPONENTS, TASK_PRESETS, VisionLoraConfig, VisionLoraConfigError
-from .explain import ExplainRow, explain
+from .explain import ExplainRow, explain, skipped_modules
 from .export import export_lora
 from .model import VisionLoraModel
 from .quantization import prepare_vlm_for_kbit_training, quantized_footprint, vlm_bnb_config
@@ -61,6 +61,7 @@ __all__ = [
     "resolve_components",
     "save_adapter",
     "save_gathered_adapter",
+    "skipped_modules",
     "strategy_report",
     "vlm_bnb_config",
     "write_model_card",
