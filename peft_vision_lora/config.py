@@ -14,6 +14,7 @@ from typing import Literal
 
 from peft import LoraConfig
 
+from .lora_options import LORA_OPTIONS, refused_options
 from .registration import ensure_peft_type
 
 COMPONENTS = ("vision", "projector", "language", "cross_attention", "qformer", "audio")
@@ -138,6 +139,16 @@ class VisionLoraConfig(LoraConfig):
         # regex ourselves (see peft_vision_lora.layer_selection), so PEFT's checks must not see them.
         layers, pattern = self.layers_to_transform, self.layers_pattern
         self.layers_to_transform = self.layers_pattern = None
+        # before PEFT's own __post_init__, which converts or drops some of them (loftq_config without 'loftq')
+        refused = refused_options(self)
+        if refused:
+            notes = "; ".join(
+                f"`{name}`: {LORA_OPTIONS.get(name, ('', 'new in this PEFT release'))[1]}" for name in refused
+            )
+            raise VisionLoraConfigError(
+                f"VISION_LORA does not support {refused} yet ({notes}). Leave them at their defaults, or use PEFT's "
+                "LoraConfig with explicit target_modules (see docs/design-notes.md, 'LoraConfig options')."
+            )
         super().__post_init__()
         self.layers_to_transform, self.layers_pattern = layers, pattern
         self.peft_type = ensure_peft_type()
