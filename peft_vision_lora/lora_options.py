@@ -1,6 +1,6 @@
 """Every ``LoraConfig`` field, and what ``VisionLoraConfig`` does with it: same as LoRA, compiled, or refused.
 
-No option may be accepted and then ignored. ``tests/test_lora_options.py`` enumerates ``dataclasses.fields(LoraConfig)``
+No option may be accepted and then ignored. ``tests/test_lora_options.py`` enumerates the fields of ``LoraConfig``
 against :data:`LORA_OPTIONS` (so a field added by a new PEFT release fails the test until it is classified), checks
 that each ``same`` field gives the same layers and numbers as ``LoraConfig``, and that each ``refused`` field raises
 before the model is touched. ``docs/design-notes.md`` holds :func:`option_table`'s output.
