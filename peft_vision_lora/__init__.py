@@ -18,7 +18,7 @@ from .integrations.training import (
     create_optimizer,
     enable_gradient_checkpointing,
 )
-from .reports.explain import ExplainRow, explain
+from .reports.explain import ExplainRow, explain, skipped_modules
 from .reports.memory import quantized_footprint
 from .reports.strategies import StrategyRow, print_strategy_report, strategy_report
 from .resolve.components import ComponentMap, resolve_components
@@ -68,6 +68,7 @@ __all__ = [
     "resolve_components",
     "save_adapter",
     "save_gathered_adapter",
+    "skipped_modules",
     "strategy_report",
     "vlm_bnb_config",
     "write_model_card",

@@ -61,10 +61,11 @@ def test_language_layer_list_and_range(llava):
 
 
 def test_each_component_resolves_its_own_negative_indices(llava):
-    """-1 is layer 3 of the 4-layer vision tower and of the 4-layer language model, each counted on its own."""
+    """-2 is layer 2 of the 4-layer vision tower, -4 layer 0 of the 4-layer language model, each counted on its own
+    (LLaVA's vision layer 3 lies after vision_feature_layer=-2 and is never adapted)."""
     vision, language = expected_linears(llava, "llava", "vision"), expected_linears(llava, "llava", "language")
-    chosen = selected(llava, component_layers={"vision": [-1], "language": [-4]})
-    assert chosen == in_layers(vision, "model.vision_tower.encoder.layers", {3}) | in_layers(
+    chosen = selected(llava, component_layers={"vision": [-2], "language": [-4]})
+    assert chosen == in_layers(vision, "model.vision_tower.encoder.layers", {2}) | in_layers(
         language, "model.language_model.layers", {0}
     )
 

@@ -49,7 +49,7 @@ def _load(folder, model_type="llava"):
 
 def test_missing_adapter_weights_raise_naming_them(tmp_path):
     folder, _ = _saved_adapter(tmp_path)
-    dropped = sorted(k for k in load_file(folder / WEIGHTS) if "layers.1.self_attn.q_proj.lora_B" in k)
+    dropped = sorted(k for k in load_file(folder / WEIGHTS) if "layers.0.self_attn.q_proj.lora_B" in k)
     assert len(dropped) == 2  # one in the vision tower, one in the language model
     _rewrite_weights(folder, lambda w: {k: v for k, v in w.items() if k not in dropped})
     with pytest.raises(AdapterLoadError, match="2 adapted parameter\\(s\\) got no weights") as error:
@@ -105,7 +105,7 @@ def test_old_transformers_layout_is_remapped_logged_and_exact(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="peft_vision_lora"):
         model = _load(folder)
     log = caplog.text
-    assert "remapped 56 key(s)" in log
+    assert f"remapped {len(load_file(folder / WEIGHTS))} key(s)" in log  # every saved key
     assert "language_model.model.* -> model.language_model.*" in log
     assert "vision_tower.vision_model.* -> model.vision_tower.*" in log
     assert "multi_modal_projector.* -> model.multi_modal_projector.*" in log

@@ -151,6 +151,23 @@ def _under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+# Read from the transformers sources: these project `hidden_states[config.vision_feature_layer]` of each tower's
+# `encoder.layers` (CLIP), so the layers after that hidden state never reach the output and are never adapted.
+FEATURE_LAYER_READERS = {"llava": ["model.vision_tower"], "llava_next": ["model.vision_tower"]}
+FEATURE_LAYER_READERS["video_llava"] = ["model.image_tower", "model.video_tower"]
+
+
+def unreachable_vision_layers(model: nn.Module, model_type: str) -> list[str]:
+    """Prefixes of the vision layers after the feature layer (hidden state i is the output of layer i - 1)."""
+    unreachable = []
+    for tower in FEATURE_LAYER_READERS.get(model_type, []):
+        layers = model.get_submodule(f"{tower}.encoder.layers")
+        feature = model.config.vision_feature_layer
+        first_unused = feature if feature >= 0 else len(layers) + 1 + feature
+        unreachable += [f"{tower}.encoder.layers.{i}" for i in range(first_unused, len(layers))]
+    return unreachable
+
+
 def expected_linears(model: nn.Module, model_type: str, component: str) -> set[str]:
     """Full names of the nn.Linear modules of `component`, never including lm_head or embeddings.
 
@@ -162,7 +179,7 @@ def expected_linears(model: nn.Module, model_type: str, component: str) -> set[s
     truth = ZOO_TRUTH[model_type]
     excluded = list(truth["never"])
     if component == "vision":
-        excluded += truth["vision_exclude"] + truth["projector"]
+        excluded += truth["vision_exclude"] + truth["projector"] + unreachable_vision_layers(model, model_type)
     if component == "language":
         excluded += truth["cross_attention"]
     return {

@@ -69,7 +69,25 @@ def explain(
         rows = [ExplainRow(t.name, t.component, t.kind, t.r, t.lora_params, "planned") for t in plan.targets]
     if show:
         print(format_table(rows))
+        skipped = skipped_modules(model, config, adapter_name)
+        if skipped:
+            print(f"{len(skipped)} chosen module(s) not adapted, because they cannot reach the output:")
+            print("\n".join(f"  {name}  ({reason})" for name, reason in skipped))
     return rows
+
+
+def skipped_modules(
+    model: nn.Module, config: VisionLoraConfig | None = None, adapter_name: str = "default"
+) -> list[tuple[str, str]]:
+    """(module, reason) for linears the flags choose but that are never adapted: their output cannot reach the
+    model's output (vision layers after ``vision_feature_layer``), so LoRA there would never get a gradient."""
+    config = config if config is not None else _config_of(model, adapter_name)
+    if config is None:
+        return []
+    request = _fresh_copy(config)
+    if request.is_resolved:  # compile the user's request again, not the regex it became
+        request.target_modules, request.requested_target_modules = request.requested_target_modules, None
+    return list(compile_targets(model, request).skipped)
 
 
 def _fresh_copy(config: VisionLoraConfig) -> VisionLoraConfig:

@@ -19,8 +19,10 @@ from torch import nn
 
 from ..errors import ComponentResolutionError, VisionLoraConfigError
 from .components import ComponentMap, is_embedding_path, layer_slot, output_heads, resolve_components, unwrap_model
+from .layer_selection import keep_layers_to_transform
 from .module_kinds import is_candidate_linear, is_inert_linear, is_router, module_kind
 from .names import ATTENTION, COMPONENT_FLAGS, MLP
+from .reachability import unreachable_stacks
 
 
 class TargetRequest(Protocol):
@@ -46,6 +48,8 @@ class TargetRequest(Protocol):
     finetune_qformer: bool
     finetune_audio_layers: bool
     component_layers: dict[str, list[int]]
+    layers_to_transform: Any
+    layers_pattern: Any
 
     @property
     def is_resolved(self) -> bool: ...
@@ -84,6 +88,8 @@ class TargetPlan:
     alpha_pattern: dict[str, int]
     modules_to_save: tuple[str, ...]
     components: ComponentMap
+    # (module, reason) for linears the flags chose but that cannot reach the output (never adapted)
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def by_component(self) -> dict[str, list[Target]]:
         grouped: dict[str, list[Target]] = defaultdict(list)
@@ -264,6 +270,8 @@ def compile_targets(model: nn.Module, config: TargetRequest, components: Compone
         )
     if config.component_layers:
         targets = _keep_requested_layers(config, components, modules, targets)
+    targets = keep_layers_to_transform(config, components, modules, targets)
+    targets, skipped = _drop_unreachable(model, components, targets)
     if config.finetune_projector is True and not any(t.component == "projector" for t in targets):
         raise VisionLoraConfigError(
             f"finetune_projector=True asks for LoRA on the projector, but the projector of {components.model_type!r} "
@@ -275,6 +283,7 @@ def compile_targets(model: nn.Module, config: TargetRequest, components: Compone
             f"no linear layer matched: {flags}, attention={config.finetune_attention_modules}, "
             f"mlp={config.finetune_mlp_modules}, target_modules={_requested(config)!r} on model_type "
             f"{components.model_type!r} ({components.describe()})."
+            + (f" {len(skipped)} chosen module(s) were skipped: {skipped[0][1]}." if skipped else "")
         )
 
     universe = list(modules)
@@ -294,7 +303,23 @@ def compile_targets(model: nn.Module, config: TargetRequest, components: Compone
         alpha_pattern=alpha_pattern,
         modules_to_save=tuple(modules_to_save),
         components=components,
+        skipped=tuple(skipped),
     )
+
+
+def _drop_unreachable(
+    model: nn.Module, components: ComponentMap, targets: list[Target]
+) -> tuple[list[Target], list[tuple[str, str]]]:
+    """Targets whose output can reach the model's output, and (name, reason) for the others."""
+    stacks = unreachable_stacks(model, components)
+    kept, skipped = [], []
+    for target in targets:
+        dead = next((s for s in stacks if s.covers(target.name)), None)
+        if dead is None:
+            kept.append(target)
+        else:
+            skipped.append((target.name, dead.reason))
+    return kept, skipped
 
 
 def apply_plan(config: TargetRequest, plan: TargetPlan) -> None:

@@ -111,6 +111,9 @@ def _plain_config(source: Any, ranks: dict[str, int], modules_to_save: list[str]
         rank_pattern=used(source.rank_pattern),
         alpha_pattern=used(source.alpha_pattern),
         modules_to_save=modules_to_save or None,
+        # the module list is exact: the layer filter was compiled into it, and PEFT would re-apply it to full names
+        layers_to_transform=None,
+        layers_pattern=None,
     )
     return LoraConfig(**values)
 

@@ -17,6 +17,7 @@ from peft import LoraConfig
 from ..errors import VisionLoraConfigError
 from ..kernels.dispatch import check_kernel_name
 from ..resolve.names import BLOCK_COMPONENTS, COMPONENT_FLAGS, COMPONENTS, check_known_components
+from .lora_options import LORA_OPTIONS, refused_options
 from .peft_type import ensure_peft_type
 
 # The design's strategy table. Presets set the component flags; explicit flags win.
@@ -124,7 +125,22 @@ class VisionLoraConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        # PEFT refuses layer filters next to a str target and would ignore them on a regex; we compile them into the
+        # regex ourselves (see peft_vision_lora.layer_selection), so PEFT's checks must not see them.
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        self.layers_to_transform = self.layers_pattern = None
+        # before PEFT's own __post_init__, which converts or drops some of them (loftq_config without 'loftq')
+        refused = refused_options(self)
+        if refused:
+            notes = "; ".join(
+                f"`{name}`: {LORA_OPTIONS.get(name, ('', 'new in this PEFT release'))[1]}" for name in refused
+            )
+            raise VisionLoraConfigError(
+                f"VISION_LORA does not support {refused} yet ({notes}). Leave them at their defaults, or use PEFT's "
+                "LoraConfig with explicit target_modules (see docs/design-notes.md, 'LoraConfig options')."
+            )
         super().__post_init__()
+        self.layers_to_transform, self.layers_pattern = layers, pattern
         self.peft_type = ensure_peft_type()
         self._apply_task_preset()
         self._validate()
@@ -174,6 +190,7 @@ class VisionLoraConfig(LoraConfig):
                 kind = "positive integers" if name == "component_r" else "positive numbers"
                 raise VisionLoraConfigError(f"{what} in `{name}` must be {kind}, got {bad}.")
         self._validate_component_layers()
+        self._validate_layers_to_transform()
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
             raise VisionLoraConfigError(
@@ -202,6 +219,41 @@ class VisionLoraConfig(LoraConfig):
                     f"got {layers!r}."
                 )
             self.component_layers[component] = sorted(set(values))
+
+    def _validate_layers_to_transform(self) -> None:
+        """PEFT's ``layers_to_transform``/``layers_pattern``, normalised to a sorted list of ints / list of names."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if pattern is not None and layers is None:
+            raise VisionLoraConfigError(
+                f"`layers_pattern={pattern!r}` needs `layers_to_transform` (which layers of those stacks to adapt); "
+                "or use `component_layers={'language': [...]}` to pick layers per component."
+            )
+        if layers is None:
+            return
+        values = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if (
+            not isinstance(values, (list, tuple, range))
+            or not values
+            or any(not isinstance(v, int) or isinstance(v, bool) for v in values)
+        ):
+            raise VisionLoraConfigError(
+                f"`layers_to_transform` must be an int or a non-empty list of ints (layer indices of every numbered "
+                f"stack; negative ones count from the end), got {layers!r}. Use `component_layers` for per-component "
+                "layers."
+            )
+        self.layers_to_transform = sorted(set(values))
+        if pattern is not None:
+            names = [pattern] if isinstance(pattern, str) else pattern
+            if (
+                not isinstance(names, (list, tuple))
+                or not names
+                or any(not isinstance(n, str) or not n for n in names)
+            ):
+                raise VisionLoraConfigError(
+                    f"`layers_pattern` must be a module-list name such as 'layers' or 'blocks' (or a list of them), "
+                    f"got {pattern!r}."
+                )
+            self.layers_pattern = list(names) if len(names) > 1 else names[0]
 
     def _check_flags_select_something(self) -> None:
         components = self.selected_components()

@@ -39,7 +39,12 @@ class VisionLoraModel(LoraModel):
         ours = isinstance(config, VisionLoraConfig)
         if ours and kwargs.get("state_dict") is None:
             if not config.is_resolved:
-                apply_plan(config, compile_targets(model, config))
+                plan = compile_targets(model, config)
+                apply_plan(config, plan)
+                if plan.skipped:
+                    logger.info(
+                        "Adapter '%s': %d module(s) skipped: %s", adapter_name, len(plan.skipped), plan.skipped[0][1]
+                    )
             elif not _matches_any_module(model, config.target_modules):
                 _recompile_for_layout(model, config, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
