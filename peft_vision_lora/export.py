@@ -196,9 +196,7 @@ def run_export(args: argparse.Namespace) -> int:
     CLI, which prints each once."""
     if not Path(args.adapter_dir).is_dir():
         raise FileNotFoundError(f"folder not found: {args.adapter_dir}")
-    out = export_lora(
-        args.adapter_dir, args.out_dir, language_only=args.language_only, fold_scaling=args.fold_scaling
-    )
+    out = export_lora(args.adapter_dir, args.out_dir, language_only=args.language_only, fold_scaling=args.fold_scaling)
     config = LoraConfig.from_pretrained(str(out))
     print(
         f"Wrote plain LoRA ({len(config.target_modules)} modules, peft_type {config.peft_type.value}) to {out}; "

@@ -109,8 +109,8 @@ def test_local_folder_reads_its_config_and_downloads_nothing(tmp_path, capsys, m
 @pytest.mark.parametrize("name", ["not_a_model_type", "some-org/some-model"])
 def test_unknown_model_is_a_clear_error(name, capsys):
     assert main(["inspect", name]) == 2
-    out = capsys.readouterr().out
-    assert "Nothing is downloaded" in out and "llava" in out
+    captured = capsys.readouterr()
+    assert "Nothing is downloaded" in captured.err and "llava" in captured.err and not captured.out
 
 
 def test_console_script_entry_point():
