@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from peft_vision_lora import VisionLoraConfig
 from peft_vision_lora_cli import build_parser
-from tests.helpers import fresh_model
+from helpers import fresh_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
