@@ -150,6 +150,17 @@ class VisionLoraConfig(LoraConfig):
 
         write_model_card(save_directory, self)
 
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """PEFT's reader, pointed at ``vision_lora_config.json`` when it sits beside ``adapter_config.json``.
+
+        A portable folder (see :mod:`peft_vision_lora.portable`) keeps plain LoRA in ``adapter_config.json`` for
+        PEFT alone and the full config in the sidecar; this is where the full config comes back.
+        """
+        from .portable import read_sidecar_instead
+
+        return super().from_json_file(read_sidecar_instead(path_json_file), **kwargs)
+
     @property
     def is_resolved(self) -> bool:
         """True once targets were compiled on a model (then target_modules is the compiled regex)."""

@@ -14,7 +14,8 @@ Why wrap methods of ``PeftModel``: all three belong to ``PeftModel`` (``push_to_
 
 Each wrapper first asks whether the model holds a ``VISION_LORA`` adapter. If not, PEFT's method runs unchanged, so
 other tuners behave exactly as without this package. If so, ``save_pretrained`` runs PEFT's own method on a staging
-folder that replaces the target atomically (:func:`.saving.atomic_save_folder`), ``push_to_hub`` uploads through
+folder that replaces the target atomically (:func:`.saving.atomic_save_folder`), with ``portable=True`` rewriting
+each adapter as plain LoRA plus a sidecar (:mod:`.portable`), ``push_to_hub`` uploads through
 :func:`.saving.push_adapter_to_hub`, and ``create_or_update_model_card`` completes the card after PEFT's update.
 :func:`install` runs once, from :func:`.registration.register_vision_lora`.
 """
@@ -31,6 +32,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 
 from .card import add_tags, write_model_card
+from .portable import make_folder_portable
 from .registration import PEFT_TYPE_NAME
 from .saving import atomic_save_folder, model_card_paths, push_adapter_to_hub, writing_staged
 
@@ -53,16 +55,27 @@ def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(
+        self: PeftModel, save_directory: str, *args: Any, portable: bool = False, **kwargs: Any
+    ) -> None:
         try:
             arguments = signature.bind(self, save_directory, *args, **kwargs).arguments
         except TypeError:
             return original(self, save_directory, *args, **kwargs)  # PEFT raises its own error
         selected = arguments.get("selected_adapters")
-        if writing_staged() or not arguments.get("is_main_process", True) or not vision_lora_adapters(self, selected):
-            return original(self, save_directory, *args, **kwargs)
+        ours = vision_lora_adapters(self, selected)
+        if portable and not ours:
+            raise ValueError("portable=True applies to VISION_LORA adapters; this model has none to convert.")
+        if writing_staged() or not arguments.get("is_main_process", True) or not ours:
+            result = original(self, save_directory, *args, **kwargs)
+            if portable and arguments.get("is_main_process", True):
+                make_folder_portable(self, save_directory, ours)
+            return result
         with atomic_save_folder(save_directory, updated_files=model_card_paths(self, selected)) as staged:
-            return original(self, str(staged), *args, **kwargs)
+            result = original(self, str(staged), *args, **kwargs)
+            if portable:
+                make_folder_portable(self, staged, ours)
+            return result
 
     return save_pretrained
 

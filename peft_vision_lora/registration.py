@@ -47,13 +47,14 @@ def register_vision_lora() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import register_peft_method
 
-    from . import peft_model_hooks
+    from . import peft_model_hooks, portable
     from .config import VisionLoraConfig
     from .model import VisionLoraModel
 
     peft_type = ensure_peft_type()
     _join_lora_only_tables(peft_type)
     peft_model_hooks.install()
+    portable.install()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is VisionLoraConfig:
         return
     register_peft_method(name=METHOD_NAME, config_cls=VisionLoraConfig, model_cls=VisionLoraModel, prefix=PREFIX)
