@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import fresh_model
 from peft import get_peft_model
 from safetensors.torch import load_file
 
 from peft_vision_lora import VisionLoraConfig
 from peft_vision_lora_cli import build_parser
-from helpers import fresh_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
