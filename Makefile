@@ -13,7 +13,7 @@ OLDEST := .venv-oldest
 # Never re-resolve what the lock pins: the editable install adds only our own package.
 EDITABLE := install -q --no-deps --no-build-isolation -e .
 
-.PHONY: setup demo test test-fast test-latest test-oldest lock bench lint format
+.PHONY: setup demo test test-fast test-latest test-oldest lock bench lint format docs
 
 $(STAMP): $(LOCK) pyproject.toml
 	rm -rf $(VENV)
@@ -71,3 +71,8 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format peft_vision_lora tests examples benchmarks scripts
 	$(VENV)/bin/ruff check --fix .
+
+# The documentation site with the API reference (docs/ pages + docstrings), built offline into site/. Needs the
+# `docs` extra (mkdocs, mkdocstrings[python]) in the env; tests/test_docs.py builds it too.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict

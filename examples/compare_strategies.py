@@ -2,10 +2,11 @@
 
 1. "Pretrain" a random-init tiny VLM (full fine-tuning) on synthetic captioning, standing in for a pretrained
    checkpoint: its vision tower learns colours and shapes, its language model the caption format.
-2. Adapt it with LoRA, each task with its strategy (``TASK_STRATEGY``): captioning and OCR with vision + language,
+2. Adapt it with LoRA, each task with its strategy (TASK_STRATEGY): captioning and OCR with vision + language,
    VQA with the language model only (the images are the ones it knows, the questions are new), domain adaptation
-   with the vision tower only (the captions are the ones it knows, the colours are shifted). With ``--reference``,
-   VQA and domain adaptation are also trained with vision + language LoRA, to show what the smaller strategy costs.
+   with the vision tower only (the captions are the ones it knows, the colours are shifted). VQA and domain
+   adaptation are also trained with vision + language LoRA, to show what the smaller strategy costs (skip those
+   reference runs with --no-reference).
 3. Write a loss-curve plot (PNG), a markdown table (trainable parameters, peak memory, final loss, held-out answer
    accuracy before -> after) and the raw numbers (JSON).
 
@@ -161,20 +162,24 @@ def table(runs: list[dict[str, Any]], base_params: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-type", default="qwen2_vl")
+    parser.add_argument("--model-type", default="qwen2_vl", help="tiny model to build (a transformers model_type)")
     parser.add_argument(
         "--text-hidden", type=int, default=128, help="language model width (the tiny default, 32, is too narrow)"
     )
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="full fine-tuning steps before LoRA")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="learning rate of the pretraining")
     parser.add_argument("--steps", type=int, default=300, help="LoRA steps per run")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    parser.add_argument("--lr", type=float, default=5e-3, help="LoRA learning rate")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--eval-size", type=int, default=128, help="held-out examples per accuracy figure")
     parser.add_argument("--no-reference", action="store_true", help="skip the vision+language reference runs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "peft-vision-lora-strategies"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
+    parser.add_argument(
+        "--output-dir",
+        default=os.path.join(tempfile.gettempdir(), "peft-vision-lora-strategies"),
+        help="where the plot, table and JSON go",
+    )
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     threads = torch.get_num_threads()

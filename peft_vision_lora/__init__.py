@@ -24,7 +24,7 @@ from .reports.strategies import StrategyRow, print_strategy_report, strategy_rep
 from .resolve.components import ComponentMap, resolve_components
 from .resolve.names import COMPONENTS
 from .resolve.targets import TargetPlan, compile_targets
-from .sharing import peft_model_hooks
+from .sharing import peft_model_hooks, portable
 from .sharing.atomic_save import save_adapter
 from .sharing.card import write_model_card
 from .sharing.export import export_lora
@@ -36,6 +36,8 @@ from .tuner.registration import register_vision_lora
 register_vision_lora()
 # Atomic saves and our model card for PeftModels that hold a VISION_LORA adapter (see sharing/peft_model_hooks.py).
 peft_model_hooks.install()
+# Portable adapter folders (plain LoRA + sidecar) load back as VISION_LORA (see sharing/portable.py).
+portable.install()
 
 __version__ = "0.1.0"
 

@@ -43,7 +43,7 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("peft_vision_lora")}
+            found |= {alias.name for alias in node.names if _ours(alias.name)}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -51,12 +51,16 @@ def _imports(path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if not target.startswith("peft_vision_lora"):
+            if not _ours(target):
                 continue
             for alias in node.names:  # `from . import x` imports the submodule x
                 candidate = f"{target}.{alias.name}"
                 found.add(candidate if _source_of(candidate) else target)
     return {name for name in found if name != module}
+
+
+def _ours(module: str) -> bool:
+    return module == "peft_vision_lora" or module.startswith("peft_vision_lora.")
 
 
 def _source_of(module: str) -> Path | None:

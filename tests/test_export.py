@@ -179,6 +179,9 @@ def test_cli_export(tmp_path, capsys):
     assert modules and all(m.startswith("model.language_model.") for m in modules)
 
     assert cli_main(["export", str(tmp_path / "missing"), str(tmp_path / "out2")]) == 1
+    assert f"folder not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["export", str(tmp_path / "empty"), str(tmp_path / "out2")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err
 
 

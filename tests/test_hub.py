@@ -6,6 +6,7 @@ bytes of every file in the commit. Reading the repo's existing card goes through
 which offline finds nothing (a new repo) unless a test stands in for it.
 """
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,7 +137,15 @@ def test_push_uploads_weights_config_and_card(hub, tmp_path, push):
     assert hub[0] == {"create_repo": REPO_ID, "private": True, "exist_ok": True}
     commit = hub[1]
     assert commit["repo_id"] == REPO_ID
-    assert sorted(commit["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(commit["files"]) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "vision_lora_config.json",
+    ]
+    # portable: plain LoRA for PEFT alone, the full config beside it (tests/test_portable.py loads both ways)
+    assert json.loads(commit["files"]["adapter_config.json"])["peft_type"] == "LORA"
+    assert json.loads(commit["files"]["vision_lora_config.json"])["component_r"] == {"vision": 2}
 
     card = ModelCard(commit["files"]["README.md"].decode())
     assert card.data.library_name == "peft"
@@ -151,16 +160,17 @@ def test_push_uploads_weights_config_and_card(hub, tmp_path, push):
     # How to load, with and without the package, naming the repo.
     assert f'PeftModel.from_pretrained(base, "{REPO_ID}")' in card.text
     assert "import peft_vision_lora" in card.text
-    assert f"peft-vision-lora export {REPO_ID}" in card.text
+    assert "With PEFT alone" in card.text
 
     folder = _write(commit["files"], tmp_path / "downloaded")
     reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder).eval()
+    assert isinstance(reloaded.peft_config["default"], VisionLoraConfig)
     torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_save_pretrained_writes_the_same_card(hub, tmp_path):
     model = _model()
-    model.save_pretrained(tmp_path / "local")
+    model.save_pretrained(tmp_path / "local", portable=True)  # what push_to_hub uploads
     model.push_to_hub(REPO_ID)
     local = ModelCard.load(tmp_path / "local" / "README.md")
     pushed = ModelCard(hub[1]["files"]["README.md"].decode())
@@ -281,6 +291,8 @@ def test_push_to_hub_uploads_every_adapter_with_its_own_card(hub, tmp_path):
         "language_only/README.md",
         "language_only/adapter_config.json",
         "language_only/adapter_model.safetensors",
+        "language_only/vision_lora_config.json",
+        "vision_lora_config.json",
     ]
     card = ModelCard(files["language_only/README.md"].decode())
     assert 'subfolder="language_only"' in card.text and "vision-lora-strategy:language" in card.data.tags
@@ -289,4 +301,8 @@ def test_push_to_hub_uploads_every_adapter_with_its_own_card(hub, tmp_path):
     model.set_adapter("language_only")
     expected = _logits(model)
     reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder / "language_only").eval()
+    assert reloaded.peft_config["default"].component_targets.keys() == {"language"}  # the full config came back
     torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
+    # and through PEFT's subfolder argument
+    reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder, subfolder="language_only").eval()
+    assert isinstance(reloaded.peft_config["default"], VisionLoraConfig)

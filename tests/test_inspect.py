@@ -51,10 +51,14 @@ def test_full_size_llava_numbers_match_the_default_config(capsys):
         text.num_key_value_heads,
         text.num_hidden_layers,
     )
-    vision_params = clip_lora_params(16, vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers)
-    assert language == 39_976_960 and vision_params == 7_077_888  # LLaVA-1.5-7B shape: Llama-2-7B + CLIP-L
+    # The projector reads layer vision_feature_layer=-2: the last CLIP layer never reaches the output, so no
+    # strategy adapts it (issue 15's dead adapters).
+    assert config.vision_feature_layer == -2
+    live_vision_layers = vision.num_hidden_layers - 1
+    vision_params = clip_lora_params(16, vision.hidden_size, vision.intermediate_size, live_vision_layers)
+    assert language == 39_976_960 and vision_params == 7_077_888 * 23 // 24  # LLaVA-1.5-7B: Llama-2-7B + CLIP-L
     assert row(out, "language", "strategies")[1:3] == [str(7 * text.num_hidden_layers), f"{language:,}"]
-    assert row(out, "vision", "strategies")[1:3] == [str(6 * vision.num_hidden_layers), f"{vision_params:,}"]
+    assert row(out, "vision", "strategies")[1:3] == [str(6 * live_vision_layers), f"{vision_params:,}"]
     assert row(out, "vision+language", "strategies")[2] == f"{language + vision_params:,}"
     share = language / (language + vision_params)
     assert f"{share:.1%}" in row(out, "language", "strategies")
@@ -109,8 +113,8 @@ def test_local_folder_reads_its_config_and_downloads_nothing(tmp_path, capsys, m
 @pytest.mark.parametrize("name", ["not_a_model_type", "some-org/some-model"])
 def test_unknown_model_is_a_clear_error(name, capsys):
     assert main(["inspect", name]) == 2
-    out = capsys.readouterr().out
-    assert "Nothing is downloaded" in out and "llava" in out
+    captured = capsys.readouterr()
+    assert "Nothing is downloaded" in captured.err and "llava" in captured.err and not captured.out
 
 
 def test_console_script_entry_point():

@@ -52,6 +52,15 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or _triton_kernels().INTERPRETED
 
 
+def triton_unusable_reason() -> str | None:
+    """Why no Triton kernel can run in this process (no package, or no CUDA and no interpreter); None if one can."""
+    if not TRITON_AVAILABLE:
+        return "the `triton` package is not importable (`pip install 'peft-vision-lora[triton]'`)"
+    if not (torch.cuda.is_available() or _triton_kernels().INTERPRETED):
+        return "no CUDA device is available (Triton's CPU interpreter needs TRITON_INTERPRET=1 set before import)"
+    return None
+
+
 def resolve_kernel(kernel: str, device: torch.device | str) -> Backend:
     """Map a user's `kernel` choice to the backend that runs on `device`; raise if the choice cannot be honoured."""
     check_kernel_name(kernel)

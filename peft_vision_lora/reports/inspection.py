@@ -9,6 +9,7 @@ local model folder. It prints the component tree with module counts, then the Lo
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from ..resolve.names import COMPONENT_FLAGS, COMPONENTS, MODULE_KINDS, OTHER
 from ..resolve.targets import compile_targets
 from ..tuner.config import VisionLoraConfig
 from ..zoo.catalog import ZOO_MODEL_TYPES, ZooBuildError, build_full_size_on_meta, build_zoo_model
+from .adapter_summary import adapter_summary, is_adapter_folder
 from .strategies import DESIGN_CLAIMS, STRATEGIES
 
 # Strategies beyond the design's three: the projector alone (LoRA), and the audio tower of omni models.
@@ -56,16 +58,43 @@ class StrategyCount:
     reason: str = ""
 
 
+class InspectArgumentError(ValueError):
+    """``inspect`` was given something it cannot read; the CLI exits with status 2, as for a bad argument."""
+
+    exit_status = 2
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or text.startswith((".", "~")) or (os.altsep is not None and os.altsep in text)
+
+
+def unknown_model_message(model: str) -> str:
+    """Why ``model`` is not readable, with the closest model_types when it looks like a typo."""
+    if _looks_like_path(model):
+        return (
+            f"folder not found: {model}. Nothing is downloaded (a Hub id is not fetched): give a local model or "
+            "adapter folder, or a model_type such as llava."
+        )
+    close = difflib.get_close_matches(model, ZOO_MODEL_TYPES, n=3, cutoff=0.6)
+    if close:
+        return f"unknown model_type {model!r}; did you mean {' or '.join(map(repr, close))}?"
+    return (
+        f"{model!r} is neither a local folder nor an image-text-to-text model_type. Nothing is downloaded: give a "
+        f"folder with config.json or adapter_config.json, or one of: {', '.join(ZOO_MODEL_TYPES)}."
+    )
+
+
 def load_for_inspect(model: str, full_size: bool = False) -> tuple[PreTrainedModel, str]:
     """A meta-device model for ``model`` (a model_type or a local folder with config.json) and where it came from."""
     if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise InspectArgumentError(
+                f"{model} has no config.json (a model folder) and no adapter_config.json (an adapter folder)."
+            )
         config = AutoConfig.from_pretrained(model, local_files_only=True)
         return build_full_size_on_meta(config), f"config.json of {model}"
     if model not in ZOO_MODEL_TYPES:
-        raise ValueError(
-            f"{model!r} is neither a local model folder nor an image-text-to-text model_type. Nothing is downloaded: "
-            f"give a folder with config.json, or one of: {', '.join(ZOO_MODEL_TYPES)}."
-        )
+        raise InspectArgumentError(unknown_model_message(model))
     if full_size:
         return build_full_size_on_meta(model), "default (full-size) config"
     tiny = build_zoo_model(model, device="meta", max_params=None)
@@ -199,11 +228,14 @@ def inspect_report(model: nn.Module, r: int = 16, source: str = "") -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """CLI entry: print the report; a clear message and exit status 2 when the model cannot be built."""
+    """CLI entry: print the report for a model or an adapter folder; errors propagate to the CLI, which prints them
+    once (exit status 2 for what cannot be read, 1 when a model cannot be built)."""
+    if is_adapter_folder(args.model):
+        print(adapter_summary(args.model))
+        return 0
     try:
         model, source = load_for_inspect(args.model, full_size=args.full_size)
-    except (ValueError, ZooBuildError, OSError) as error:
-        print(f"peft-vision-lora inspect: {error}")
-        return 2
+    except ZooBuildError as error:
+        raise ValueError(str(error)) from error
     print(inspect_report(model, r=args.rank, source=source))
     return 0

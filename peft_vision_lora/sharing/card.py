@@ -21,6 +21,7 @@ from peft import __version__ as peft_version
 from safetensors import safe_open
 
 from ..resolve.names import COMPONENTS, OTHER
+from ..tuner.config import SIDECAR_NAME
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_START = "<!-- peft-vision-lora card: start (regenerated on save) -->"
@@ -116,7 +117,9 @@ def _table(rows: list[SavedComponentRow]) -> str:
     return "\n".join(lines)
 
 
-def _load_snippets(base_model: str, adapter: str, plain_lora: bool, subfolder: str | None) -> str:
+def _load_snippets(
+    base_model: str, adapter: str, plain_lora: bool, subfolder: str | None, portable: bool = False
+) -> str:
     sub = f', subfolder="{subfolder}"' if subfolder else ""
     load = (
         "from peft import PeftModel\n"
@@ -124,6 +127,15 @@ def _load_snippets(base_model: str, adapter: str, plain_lora: bool, subfolder: s
         f'base = AutoModelForImageTextToText.from_pretrained("{base_model}")\n'
         f'model = PeftModel.from_pretrained(base, "{adapter}"{sub})\n'
     )
+    if portable:
+        return (
+            "**With PEFT alone** (no peft-vision-lora, any serving stack that reads PEFT LoRA): `adapter_config.json` "
+            f"is plain LoRA (`peft_type: LORA`).\n\n```python\n{load}```\n\n"
+            "**With peft-vision-lora** (`pip install peft-vision-lora`): the same call after `import "
+            "peft_vision_lora` restores the full `VisionLoraConfig` (component flags, per-component ranks) from "
+            "`vision_lora_config.json`.\n\n"
+            f"```python\nimport peft_vision_lora  # noqa: F401\n{load}```\n"
+        )
     if plain_lora:
         return (
             "This folder is plain PEFT LoRA (`peft_type: LORA`, exported by peft-vision-lora): PEFT alone loads "
@@ -155,17 +167,35 @@ def _settings(config: Any) -> str:
     return ", ".join(facts)
 
 
+NEEDS_PACKAGE = (
+    "> **Loading this folder needs peft-vision-lora**: its `adapter_config.json` says `peft_type: VISION_LORA`, "
+    "so PEFT alone fails with `KeyError: 'VISION_LORA'`. Run `pip install peft-vision-lora` and "
+    "`import peft_vision_lora` before loading, or use a copy that loads anywhere: "
+    "`model.save_pretrained(dir, portable=True)`, `model.push_to_hub(...)` or `peft-vision-lora export`."
+)
+
+
 def render_card_section(
-    rows: list[SavedComponentRow], config: Any, *, adapter: str, plain_lora: bool, subfolder: str | None = None
+    rows: list[SavedComponentRow],
+    config: Any,
+    *,
+    adapter: str,
+    plain_lora: bool,
+    subfolder: str | None = None,
+    portable: bool = False,
 ) -> str:
     base_model = config.base_model_name_or_path or "BASE_MODEL"
     total = sum(r.params for r in rows)
     kind = "Plain LoRA export of a peft-vision-lora adapter" if plain_lora else "peft-vision-lora adapter"
+    if portable:
+        kind = "peft-vision-lora adapter (portable: plain LoRA for PEFT alone)"
+    warning = [] if (plain_lora or portable) else [NEEDS_PACKAGE, ""]
     return "\n".join(
         [
             CARD_START,
             f"# {kind} for `{base_model}`",
             "",
+            *warning,
             f"LoRA on the vision-language model's components ({strategy_of(rows)}): {total:,} trainable parameters "
             f"in {sum(r.modules for r in rows)} modules. Settings: {_settings(config)}.",
             "",
@@ -175,7 +205,7 @@ def render_card_section(
             "",
             "## How to load",
             "",
-            _load_snippets(base_model, adapter, plain_lora, subfolder),
+            _load_snippets(base_model, adapter, plain_lora, subfolder, portable),
             "### Framework versions",
             "",
             f"- PEFT {peft_version}",
@@ -234,8 +264,14 @@ def write_model_card(
     ours = {"peft", "lora", "vision-lora", f"vision-lora-strategy:{strategy_of(rows)}"}
     tags = {t for t in data.tags or [] if t != "base_model:adapter:"} | ours
     data.tags = sorted(tags)
+    portable = (directory / SIDECAR_NAME).is_file()  # see peft_vision_lora.sharing.portable
     section = render_card_section(
-        rows, config, adapter=repo_id or "path/to/adapter", plain_lora=plain_lora, subfolder=subfolder
+        rows,
+        config,
+        adapter=repo_id or "path/to/adapter",
+        plain_lora=plain_lora and not portable,
+        subfolder=subfolder,
+        portable=portable,
     )
     card.text = _merge_text(card.text, section)
     card.save(readme)

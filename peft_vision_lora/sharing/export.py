@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -196,17 +195,11 @@ def export_lora(
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """``peft-vision-lora export ADAPTER_DIR OUT_DIR [--language-only] [--fold-scaling]``."""
-    try:
-        out = export_lora(
-            args.adapter_dir,
-            args.out_dir,
-            language_only=args.language_only,
-            fold_scaling=getattr(args, "fold_scaling", False),
-        )
-    except (ValueError, OSError) as error:
-        print(f"peft-vision-lora export: {error}", file=sys.stderr)
-        return 1
+    """``peft-vision-lora export ADAPTER_DIR OUT_DIR [--language-only] [--fold-scaling]``; errors propagate to the
+    CLI, which prints each once."""
+    if not Path(args.adapter_dir).is_dir():
+        raise FileNotFoundError(f"folder not found: {args.adapter_dir}")
+    out = export_lora(args.adapter_dir, args.out_dir, language_only=args.language_only, fold_scaling=args.fold_scaling)
     config = LoraConfig.from_pretrained(str(out))
     print(
         f"Wrote plain LoRA ({len(config.target_modules)} modules, peft_type {config.peft_type.value}) to {out}; "

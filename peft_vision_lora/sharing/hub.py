@@ -38,7 +38,10 @@ def push_adapter_to_hub(
     tags: list[str] | None = None,
     selected_adapters: list[str] | None = None,
 ):
-    """Upload the adapter weights (safetensors only), ``adapter_config.json`` and the model card to ``repo_id``.
+    """Upload the adapter weights (safetensors only), its config and the model card to ``repo_id``, portable.
+
+    The upload is in the portable format (:mod:`.portable`): ``adapter_config.json`` is plain LoRA, which PEFT alone
+    and serving stacks load, and ``vision_lora_config.json`` keeps the full ``VisionLoraConfig`` for this package.
 
     What ``model.push_to_hub`` runs for models with a ``VISION_LORA`` adapter (transformers' own mixin would replace
     README.md with a generic transformers card). The card is the one ``save_pretrained`` writes, with loading
@@ -62,7 +65,10 @@ def push_adapter_to_hub(
         if existing_card is not None:
             (folder / "README.md").write_text(existing_card, encoding="utf-8")
         with writing_into_private_folder():
-            model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=selected_adapters)
+            # portable: plain LoRA in adapter_config.json (PEFT alone loads it), full config in the sidecar
+            model.save_pretrained(
+                str(folder), safe_serialization=True, selected_adapters=selected_adapters, portable=True
+            )
         for config_file in folder.rglob("adapter_config.json"):
             adapter_dir = config_file.parent
             name = adapter_dir.relative_to(folder).as_posix()

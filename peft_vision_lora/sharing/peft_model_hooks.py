@@ -15,9 +15,10 @@ Why wrap methods of ``PeftModel``: all three belong to ``PeftModel`` (``push_to_
 Each wrapper first asks whether the model holds a ``VISION_LORA`` adapter. If not, PEFT's method runs unchanged, so
 other tuners behave exactly as without this package. If so, ``save_pretrained`` runs PEFT's own method on a staging
 folder that replaces the target atomically (:func:`.atomic_save.atomic_save_folder`) and writes our card beside
-each adapter, ``push_to_hub`` uploads through :func:`.hub.push_adapter_to_hub`, and ``create_or_update_model_card``
-completes the card after PEFT's update. :func:`install` runs once, when ``peft_vision_lora`` is imported;
-:func:`uninstall` restores PEFT's methods.
+each adapter (with ``portable=True`` each adapter is first rewritten as plain LoRA plus a sidecar, :mod:`.portable`),
+``push_to_hub`` uploads through :func:`.hub.push_adapter_to_hub`, and ``create_or_update_model_card`` completes the
+card after PEFT's update. :func:`install` runs once, when ``peft_vision_lora`` is imported; :func:`uninstall`
+restores PEFT's methods.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..tuner.peft_type import PEFT_TYPE_NAME
 from .atomic_save import atomic_save_folder, model_card_paths, writing_staged
 from .card import add_tags, write_model_card
 from .hub import push_adapter_to_hub
+from .portable import make_folder_portable
 
 _WRAPPED = "__peft_vision_lora_wrapper__"  # PEFT's method itself stays at `__wrapped__`
 # Keyword arguments of transformers' PushToHubMixin.push_to_hub (5.x); all are honoured except max_shard_size,
@@ -55,27 +57,34 @@ def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(
+        self: PeftModel, save_directory: str, *args: Any, portable: bool = False, **kwargs: Any
+    ) -> None:
         try:
             arguments = signature.bind(self, save_directory, *args, **kwargs).arguments
         except TypeError:
             return original(self, save_directory, *args, **kwargs)  # PEFT raises its own error
         selected = arguments.get("selected_adapters")
         ours = vision_lora_adapters(self, selected)
+        if portable and not ours:
+            raise ValueError("portable=True applies to VISION_LORA adapters; this model has none to convert.")
         if not arguments.get("is_main_process", True) or not ours:
             return original(self, save_directory, *args, **kwargs)
         if writing_staged():  # already inside a staging or scratch folder (save_adapter, push_to_hub)
             original(self, save_directory, *args, **kwargs)
-            return _write_cards(Path(save_directory), ours)
+            return _finish(Path(save_directory), ours, portable)
         with atomic_save_folder(save_directory, updated_files=model_card_paths(self, selected)) as staged:
             original(self, str(staged), *args, **kwargs)
-            return _write_cards(staged, ours)
+            return _finish(staged, ours, portable)
 
     return save_pretrained
 
 
-def _write_cards(folder: Path, adapters: dict[str, Any]) -> None:
-    """Our card beside each saved adapter, once its weights are written (PEFT's layout: default at the top)."""
+def _finish(folder: Path, adapters: dict[str, Any], portable: bool) -> None:
+    """After PEFT's save: the portable rewrite if asked for, then our card beside each saved adapter, once its
+    weights are written (PEFT's layout: the default adapter at the top, others in subfolders)."""
+    if portable:
+        make_folder_portable(folder, adapters)
     for name, config in adapters.items():
         write_model_card(folder if name == "default" else folder / name, config)
 

@@ -10,15 +10,20 @@ underneath and a reload does not depend on re-resolving.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft import LoraConfig
+from peft.utils import CONFIG_NAME
 
 from ..errors import VisionLoraConfigError
 from ..kernels.dispatch import check_kernel_name
 from ..resolve.names import BLOCK_COMPONENTS, COMPONENT_FLAGS, COMPONENTS, check_known_components
 from .lora_options import LORA_OPTIONS, refused_options
 from .peft_type import ensure_peft_type
+
+# Where a portable adapter folder keeps the full VisionLoraConfig, beside a plain-LoRA adapter_config.json.
+SIDECAR_NAME = "vision_lora_config.json"
 
 # The design's strategy table. Presets set the component flags; explicit flags win.
 TASK_PRESETS: dict[str, dict[str, bool]] = {
@@ -44,10 +49,46 @@ _FLAG_FIELDS = (
 class VisionLoraConfig(LoraConfig):
     """LoRA for vision-language models, configured by component.
 
-    Example::
+    Every option of ``peft.LoraConfig`` (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``use_dora``,
+    ``init_lora_weights``, ``modules_to_save``, ...) keeps its meaning; the fields below choose *where* LoRA goes.
+    The flags are compiled against the real model when the adapter is injected (``get_peft_model``), and the
+    result is written back into ``target_modules``, ``rank_pattern`` and ``alpha_pattern``.
 
-        VisionLoraConfig(r=16, finetune_vision_layers=True, finetune_language_layers=True)
-        VisionLoraConfig(task="vqa", component_r={"language": 32})
+    Example:
+
+    ```python
+    VisionLoraConfig(r=16, finetune_vision_layers=True, finetune_language_layers=True)
+    VisionLoraConfig(task="vqa", component_r={"language": 32})
+    ```
+
+    Args:
+        target_modules: Candidate linears: ``"all-linear"`` (default) or a list of leaf names such as
+            ``["q_proj", "fc1"]``; the component and module-kind flags keep the candidates in the chosen parts of
+            the model. After injection it holds the compiled regex.
+        task: Strategy preset, one of ``"ocr"``, ``"captioning"``, ``"vqa"``, ``"domain_adaptation"`` (aliases
+            ``"document"``, ``"caption"``, ``"domain"``). Sets the component flags; explicit flags win.
+        finetune_vision_layers: LoRA on the vision encoder(s). Default True, or the task preset's choice.
+        finetune_language_layers: LoRA on the language model. Default True, or the task preset's choice.
+        finetune_attention_modules: Keep linears inside attention blocks (decided by the parent block, not by leaf
+            names). Default True.
+        finetune_mlp_modules: Keep linears inside MLP blocks. Default True.
+        finetune_projector: The vision-to-text projector: False (frozen, default), True (LoRA on its linears) or
+            ``"full"`` (trained fully through PEFT's ``modules_to_save``).
+        finetune_cross_attention: Cross-attention blocks of the language model (Mllama). Default: follows
+            ``finetune_language_layers``.
+        finetune_qformer: The Q-Former (BLIP-2, InstructBLIP). Default: follows ``finetune_projector``.
+        finetune_audio_layers: Audio towers of omni models; never touched by the vision/language flags.
+            Default False.
+        component_r: Rank per component, e.g. ``{"vision": 8}``; keys are ``COMPONENTS``. Others use ``r``.
+        component_alpha: ``lora_alpha`` per component, same keys. Others use ``lora_alpha``.
+        component_layers: Layers to adapt per component, e.g. ``{"vision": [-2, -1], "language": range(8)}``:
+            indices into each numbered stack (negative ones count from the end). Components not named keep all.
+        kernel: LoRA Linear backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"``
+            (refused when the model is wrapped if Triton cannot run in this process) or ``"torch"``.
+        requested_target_modules: Set on injection: the user's original ``target_modules``. A config with it set
+            is resolved and is not recompiled on load.
+        component_targets: Set on injection: for each component, a regex matching exactly its adapted modules.
+            The model card, ``inspect ADAPTER_DIR`` and ``export_lora(language_only=True)`` read it.
     """
 
     target_modules: list[str] | str | None = field(
@@ -144,6 +185,18 @@ class VisionLoraConfig(LoraConfig):
         self.peft_type = ensure_peft_type()
         self._apply_task_preset()
         self._validate()
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """PEFT's reader, pointed at the sidecar (``SIDECAR_NAME``) when it sits beside ``adapter_config.json``.
+
+        A portable folder (see :mod:`peft_vision_lora.sharing.portable`) keeps plain LoRA in ``adapter_config.json``
+        for PEFT alone and the full config in the sidecar; this is where the full config comes back.
+        """
+        path = Path(path_json_file)
+        sidecar = path.with_name(SIDECAR_NAME)
+        chosen = sidecar if path.name == CONFIG_NAME and sidecar.is_file() else path_json_file
+        return super().from_json_file(chosen, **kwargs)
 
     @property
     def is_resolved(self) -> bool:

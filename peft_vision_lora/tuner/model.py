@@ -17,11 +17,13 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from ..errors import ComponentResolutionError
+from ..errors import AdapterLoadError, ComponentResolutionError, VisionLoraConfigError
+from ..kernels.dispatch import triton_unusable_reason
 from ..resolve.components import resolve_components
 from ..resolve.module_kinds import quantized_layer_path
 from ..resolve.names import OTHER
 from ..resolve.targets import apply_plan, compact_regex, compile_targets
+from . import load_rollback
 from .config import VisionLoraConfig
 from .layer import dispatch_vision_lora
 from .strict_load import remap_and_check
@@ -37,6 +39,10 @@ class VisionLoraModel(LoraModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
         ours = isinstance(config, VisionLoraConfig)
+        if ours:
+            refuse_unusable_kernel(config.kernel)
+            if load_rollback.injected_for_a_load():
+                load_rollback.snapshot(self, model, adapter_name)
         if ours and kwargs.get("state_dict") is None:
             if not config.is_resolved:
                 plan = compile_targets(model, config)
@@ -62,7 +68,14 @@ class VisionLoraModel(LoraModel):
         def remap(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return super(VisionLoraModel, cls)._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
 
-        return remap_and_check(remap, model, adapter_name, state_dict, config.base_model_name_or_path)
+        try:
+            remapped = remap_and_check(remap, model, adapter_name, state_dict, config.base_model_name_or_path)
+        except AdapterLoadError as error:
+            raise AdapterLoadError(f"{error} {load_rollback.roll_back(model, adapter_name)}") from None
+        tuner = load_rollback.find_tuner(model)
+        if tuner is not None:
+            load_rollback.forget(tuner, adapter_name)
+        return remapped
 
     def _get_module_names_tied_with_embedding(self) -> list[str]:
         # Some VLMs raise from get_input_embeddings (PP-FormulaNet); our targets never include embeddings unless
@@ -91,6 +104,19 @@ class VisionLoraModel(LoraModel):
 
 
 # ---- helpers for injection ---------------------------------------------------------------------------------------
+
+
+def refuse_unusable_kernel(kernel: str) -> None:
+    """kernel='triton' where no Triton kernel can ever run: refused when the model is wrapped, not at the first
+    forward (a CPU model that will move to CUDA later is fine when CUDA exists)."""
+    reason = triton_unusable_reason() if kernel == "triton" else None
+    if reason:
+        raise VisionLoraConfigError(
+            f"kernel='triton' cannot run here: {reason}. Use kernel='auto' (Triton on CUDA when available, torch "
+            "otherwise) or kernel='torch'. For a saved adapter, load its config with "
+            "VisionLoraConfig.from_pretrained, set config.kernel = 'auto' and pass config=... to "
+            "PeftModel.from_pretrained."
+        )
 
 
 def _matches_any_module(model: nn.Module, target_modules: Any) -> bool:
