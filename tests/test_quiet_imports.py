@@ -8,7 +8,9 @@ import pytest
 
 from peft_vision_lora.quiet_imports import BNB_CPU_LOGGER, KERNELS_COMMUNITY_NOTICE
 
-NOTICE = KERNELS_COMMUNITY_NOTICE + ": %s. Please make sure you already `pip install kernels` and the kernels >= 0.11.1"
+NOTICE = (
+    KERNELS_COMMUNITY_NOTICE + ": %s. Please make sure you already `pip install kernels` and the kernels >= 0.11.1"
+)
 
 
 def _emit_in_fresh_process(statement: str) -> str:
