@@ -91,6 +91,9 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "projector": ("model.aligner",),
     },
+    # Apertus 1.5: the vision sub-config builds a VQ image tokenizer (argmax codes, then the text embedding table):
+    # no gradient reaches it, so there is no vision tower to adapt.
+    "apertus1p5": {"vision": (), EXCLUDED: ("model.vision_tokenizer",)},
     # Idefics: the top config is the text config; the perceiver resampler is built without a config attribute.
     "idefics": {"projector": ("model.perceiver_resampler",)},
     # DiffusionGemma: the block-diffusion decoder is a second text stack, built from the top config.
@@ -418,8 +421,9 @@ _ATTENTION_NAME = re.compile(r"(attn|attention)", re.IGNORECASE)
 _MLP_NAME = re.compile(r"(mlp|feed_?forward|ffn|^ff$|intermediate|experts?$|^output$|moe)", re.IGNORECASE)
 _MLP_CLASS = re.compile(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)")
 _ATTENTION_CLASS = re.compile(r"(Attention|Mixer)")
-# Residual-stream mixers (hyper-connections) sit beside attention/MLP: neither kind.
-_NEITHER_NAME = re.compile(r"hyper_connection")
+# Residual-stream mixers sit beside attention/MLP: neither kind. Hyper-connections; Inkling 2 Loop's message gates
+# (``q_message_gate``, ``mlp_message_gate``) blend the previous loop pass into a block's input.
+_NEITHER_NAME = re.compile(r"hyper_connection|message_gate")
 _ATTENTION_LEAF = re.compile(r"^(q|k|v|o|qkv|query|key|value|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|in_proj)$")
 _MLP_LEAF = re.compile(r"^(fc\d?|up_proj|down_proj|gate_proj|gate_up_proj|wi|wi_0|wi_1|wo|w1|w2|w3|c_fc|dense_.*)$")
 
