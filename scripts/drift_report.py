@@ -76,7 +76,7 @@ def new_type_lines(model_type: str) -> list[str]:
 
 
 def main() -> int:
-    from peft_vision_lora.zoo import ZOO_MODEL_TYPES
+    from peft_vision_lora.zoo.catalog import ZOO_MODEL_TYPES
 
     print("== versions (requirements.lock vs this env) ==")
     print("\n".join(version_lines()))

@@ -234,6 +234,24 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
     _assert_same(*grads)
 
 
+def _llama4_text_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The LM loss of a text-only batch through the PEFT-wrapped Llama 4.
+
+    transformers 5.24.0 has a bug in ``Llama4ForConditionalGeneration.forward``: it ends with
+    ``image_outputs=outputs.image_outputs``, but ``outputs`` is what ``self.language_model`` (``Llama4ForCausalLM``)
+    returns, a ``MoeCausalLMOutputWithPast`` without that field, so every call raises AttributeError after the loss
+    is computed (``return_dict=False`` does not avoid it: ``capture_outputs`` pops it). Without images that forward is
+    ``embed_tokens`` -> ``language_model`` -> loss, so on that error run the wrapped language model itself: the same
+    LoRA layers, the same MoE blocks, the same loss. Once transformers fixes it the top-level call is used again.
+    """
+    try:
+        return model(input_ids=ids, labels=ids).loss
+    except AttributeError as error:
+        if "image_outputs" not in str(error):
+            raise
+    return model.get_base_model().language_model(input_ids=ids, labels=ids).loss
+
+
 def test_fused_layer_inside_llama4_moe():
     # Llama 4's MoE adds the routed experts into the shared expert's output in place (`out.add_(...)`).
     from peft import get_peft_model
@@ -246,7 +264,7 @@ def test_fused_layer_inside_llama4_moe():
     ).train()
     assert {row.path for row in explain(model, show=False)} == {"torch-fused"}
     ids = torch.randint(3, 100, (2, 8))
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = _llama4_text_loss(model, ids)
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n and "shared_expert" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -1,4 +1,4 @@
-"""Hand-written ground truth for every image-text-to-text model type transformers 5.23 registers.
+"""Hand-written ground truth for every image-text-to-text model type transformers 5.24 registers.
 
 Written by reading each model's sub-configs, its ``modeling_*.py`` (which modules ``get_image_features`` and
 ``forward`` run, and in what order) and the module tree of the tiny model ``zoo.catalog`` builds. Nothing
@@ -17,12 +17,21 @@ Decisions a reader may not expect, all read from the forward code:
   BLIP's BERT ``crossattention``, and decoder cross-attention of encoder-decoder VLMs (Florence-2, PP-FormulaNet,
   Pix2Struct, UDOP, VisionEncoderDecoder) whose encoder output carries the image. T5Gemma 2 and DiffusionGemma merge
   cross-attention into self-attention: no separate block.
-- VQ image tokenizers (Chameleon, Emu3, Janus' generation path) are excluded: quantisation passes no gradient.
+- VQ image tokenizers (Chameleon, Emu3, Janus' generation path, Apertus 1.5's ``vision_tokenizer``, whose codebook is
+  an argmax over a linear) are excluded: quantisation passes no gradient.
   Janus' generation aligner/head predict image tokens: excluded. PI0's action expert (``dit``) is excluded.
 - No vision tower at all: Fuyu and Gemma 4 unified (a linear patch embedding), UDOP (patches enter the shared T5
-  encoder), Chameleon and Emu3 (VQ tokens), Mistral 4 (a text-only class in the mapping).
+  encoder), Chameleon, Emu3 and Apertus 1.5 (VQ tokens), Mistral 4 (a text-only class in the mapping).
 - Evolla is protein-text: its protein encoder takes the vision role.
 - Audio: Qwen2.5-Omni / Qwen3-Omni / Dots3 / Muse Spark / Inkling audio towers and Gemma 4's ``embed_audio``.
+  Apertus 1.5's ``audio_tokenizer`` (a WavTokenizer encoder built from ``audio_config``) is audio, but it is
+  convolutions and an LSTM: no linear, so audio-only has nothing to adapt.
+- Projectors without a linear: Gemma 3 (a bare weight matrix), HY-V4-VL's ``vision_tower.patch_merger`` (two
+  convolutions to the text width, then an ``image_newline`` parameter).
+- DeepSeek-style sparse-attention indexers (GLM-5 Next, Dots3, HY-V4-VL ``self_attn.indexer``) count as language
+  attention, like the attention block they sit in.
+- Inkling 2 Loop's message gates (``q/k/v/mlp_message_gate`` of the looped layers) blend the previous pass into a
+  block's input: residual-stream mixers, neither attention nor MLP (like hyper-connections).
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ _MINICPM = _t(["model.vision_tower"], ["model.vision_tower.vit_merger", "model.m
 _MUSE = dict(vision=["model.vision_tower"], projector=["model.vision_adapter", "model.vision_projection"])
 
 TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
+    "apertus1p5": _t(
+        language=["model.language_model"], audio=["model.audio_tokenizer"], excluded=["model.vision_tokenizer"]
+    ),
     "aria": _llava(),
     "aya_vision": _llava(),
     "blip": _t(["vision_model"], [], ["text_decoder"], ["text_decoder.bert.encoder.layer.*.crossattention"]),
@@ -135,7 +147,9 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "idefics": _t(["model.vision_model"], ["model.perceiver_resampler"], ["model"], ["model.gated_cross_attn_layers"]),
     "idefics2": _t(["model.vision_model"], ["model.connector"], ["model.text_model"]),
     "idefics3": _t(["model.vision_model"], ["model.connector"], ["model.text_model"]),
+    "hy_v4_vl": _t(["model.vision_tower"], ["model.vision_tower.patch_merger"], ["model.language_model"]),
     "inkling2": _t(["model.vision_tower"], ["model.vision_tower.merger"], ["model.language_model"]),
+    "inkling2_loop": _t(["model.vision_tower"], ["model.vision_tower.merger"], ["model.language_model"]),
     "inkling_mm_model": _t(["model.vision_tower"], [], ["model.language_model"], audio=["model.audio_tower"]),
     "instructblip": _BLIP2,
     "instructblipvideo": _BLIP2,
@@ -333,7 +347,17 @@ _MLP_BLOCKS = {
     "shared_expert",
     "self_conditioning",  # DiffusionGemma: a gated MLP on the self-conditioning input
 }
-_NEITHER_BLOCKS = {"attn_hyper_connection", "mlp_hyper_connection", "hyper_connection_mixer"}
+# Residual-stream mixers: hyper-connections, and Inkling 2 Loop's gates that blend the previous loop pass's message
+# into the input of attention (q/k/v) and of the MLP.
+_NEITHER_BLOCKS = {
+    "attn_hyper_connection",
+    "mlp_hyper_connection",
+    "hyper_connection_mixer",
+    "q_message_gate",
+    "k_message_gate",
+    "v_message_gate",
+    "mlp_message_gate",
+}
 # OPT, BART and Whisper-style audio layers keep their MLP in the layer; Dots3's audio adapter is a bare fc1/fc2 MLP.
 _MLP_LEAVES = {"fc1", "fc2"}
 

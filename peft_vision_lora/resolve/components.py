@@ -83,6 +83,9 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "projector": ("model.aligner",),
     },
+    # Apertus 1.5: the vision sub-config builds a VQ image tokenizer (argmax codes, then the text embedding table):
+    # no gradient reaches it, so there is no vision tower to adapt.
+    "apertus1p5": {"vision": (), EXCLUDED: ("model.vision_tokenizer",)},
     # Idefics: the top config is the text config; the perceiver resampler is built without a config attribute.
     "idefics": {"projector": ("model.perceiver_resampler",)},
     # DiffusionGemma: the block-diffusion decoder is a second text stack, built from the top config.

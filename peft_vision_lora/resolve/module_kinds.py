@@ -70,8 +70,9 @@ _ATTENTION_NAME = re.compile(r"(attn|attention)", re.IGNORECASE)
 _MLP_NAME = re.compile(r"(mlp|feed_?forward|ffn|^ff$|intermediate|experts?$|^output$|moe)", re.IGNORECASE)
 _MLP_CLASS = re.compile(r"(MLP|Mlp|FeedForward|Intermediate|Output|MoE|Moe)")
 _ATTENTION_CLASS = re.compile(r"(Attention|Mixer)")
-# Residual-stream mixers (hyper-connections) sit beside attention/MLP: neither kind.
-_NEITHER_NAME = re.compile(r"hyper_connection")
+# Residual-stream mixers sit beside attention/MLP: neither kind. Hyper-connections; Inkling 2 Loop's message gates
+# (``q_message_gate``, ``mlp_message_gate``) blend the previous loop pass into a block's input.
+_NEITHER_NAME = re.compile(r"hyper_connection|message_gate")
 _ATTENTION_LEAF = re.compile(r"^(q|k|v|o|qkv|query|key|value|q_proj|k_proj|v_proj|o_proj|qkv_proj|out_proj|in_proj)$")
 _MLP_LEAF = re.compile(r"^(fc\d?|up_proj|down_proj|gate_proj|gate_up_proj|wi|wi_0|wi_1|wo|w1|w2|w3|c_fc|dense_.*)$")
 

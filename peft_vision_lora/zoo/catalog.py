@@ -5,8 +5,9 @@
 ``inspect``, the coverage table). Each default config is shrunk generically, sub-config by sub-config: the size
 fields of ``tiny_models`` plus the extra names other families use (MoE, MLA, audio encoders, resamplers), and
 per-layer lists (``layer_types``, ``mlp_layer_types``) and layer-index fields (``deepstack_visual_indexes``) are cut
-to the shrunk depth keeping the first and last layer, so both kinds of an interleaved stack survive. A small table
-adds what a generic rule cannot know. Types that cannot be built here raise :class:`ZooBuildError` with the reason.
+to the shrunk depth keeping the first and last layer, so both kinds of an interleaved stack survive; a field the config
+requires to equal another (WavTokenizer's ``codebook_dim == hidden_size``) stays equal. A small table adds what a
+generic rule cannot know. Types that cannot be built here raise :class:`ZooBuildError` with the reason.
 
 Only the structure is promised: forward-ready batches exist for the 14 ``tiny_models`` types, and a few shrunk
 configs here (partial rotary M-RoPE, block diffusion) would need more than sizes to run a forward pass.
@@ -132,7 +133,17 @@ _EXTRA_TINY_FIELDS: dict[str, int] = {
     "mamba_head_dim": 8,
     "ssm_state_size": 16,
     "moe_shared_expert_intermediate_size": 32,
+    "unpadded_vocab_size": 512,  # Inkling 2's LM head width (200,058 rows: 6.4M parameters at hidden 32)
+    "output_vocab_size": 512,  # Apertus 1.5's pruned LM head
+    "codebook_size": 64,  # VQ codebooks (Apertus 1.5's image codebook is a 131,072-row linear)
+    "codebook_dim": 32,  # when it differs from hidden_size; equal ones stay tied (_TIED_FIELDS)
+    "loop_gate_rank": 16,
+    "num_res_blocks": LAYERS,  # VQ image tokenizers: residual blocks per encoder stage
+    "num_filters": 4,  # WavTokenizer's SEANet encoder: num_filters * 2 ** len(upsampling_ratios) channels
 }
+# Fields that must stay equal to another field of the same config when they were equal in the default (WavTokenizer
+# checks ``codebook_dim == hidden_size``): set to the partner's shrunk value rather than shrunk on their own.
+_TIED_FIELDS: dict[str, str] = {"codebook_dim": "hidden_size"}
 _SIZE_FIELDS = {**_TINY_FIELDS, **_EXTRA_TINY_FIELDS}
 _EXPERTS_PER_TOKEN = ("num_experts_per_tok", "moe_k")
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "depth", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
@@ -212,6 +223,9 @@ def _shrink_values(values: dict[str, Any]) -> dict[str, Any]:
             out[key] = [value[i] for i in kept]  # one entry per layer: layer_types, mlp_layer_types, no_rope_layers
         else:
             out[key] = value
+    for key, partner in _TIED_FIELDS.items():
+        if key in out and partner in out and values.get(key) == values.get(partner):
+            out[key] = out[partner]
     heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
     if isinstance(kv_heads, int) and kv_heads == heads and "num_attention_heads" in out:
         out["num_key_value_heads"] = out["num_attention_heads"]  # keep multi-head attention (MLA requires it)
@@ -245,6 +259,8 @@ _ZOO_OVERRIDES: dict[str, dict[str, Any]] = {
     # The image placeholder is looked up in the tokenizer's vocabulary map when the model is built.
     "chameleon": {"vocabulary_map": {"<image>": 511}},
     "emu3": {"vocabulary_map": {"<image>": 511, "<|extra_200|>": 510}},
+    # Image codes occupy [image_token_offset, audio_token_offset), audio codes follow; both ranges must fit the vocab.
+    "apertus1p5": {"image_token_offset": 256, "audio_token_offset": 320, "image_token_id": 505, "audio_token_id": 506},
     # Defaults leave these unset (the checkpoints' config.json carries them).
     "cohere_compass": {
         "text_config": {"rope_parameters": {"full_attention": _ROPE_3D, "sliding_attention": _ROPE_3D}}
@@ -259,6 +275,11 @@ _ZOO_OVERRIDES: dict[str, dict[str, Any]] = {
         "spatial_target_layers": [0, 1, 0, 1],
     },
     "hunyuan_vl": {"text_config": {"head_dim": 8}},
+    # Looped layers (with their message gates) start at layer 6 and in multiples of the residual block size: make
+    # layer 1 of the 2 the loop, so the tiny model has both kinds of layer.
+    "inkling2_loop": {
+        "text_config": {"n_layers_per_attn_res_block": 1, "loop_layer_index_start": 1, "loop_layer_index_end": 2}
+    },
     "molmo2": {"adapter_config": {"vision_feature_layer": [-1, -2]}},
     "qwen4_exp": {
         "text_config": {
