@@ -6,10 +6,10 @@ common training case, one plain LoRA adapter on an `nn.Linear`, takes the fused 
 `peft.tuners.lora.layer.Linear.forward`, so the fallback is also the reference. `kernel_path` says which path a layer
 takes and `fallback_reason` why, for `explain` reports.
 
-Dtypes: the fused path needs `x` in the base weight's dtype (as `nn.Linear` does) and computes the LoRA branch in
-that dtype with the adapter weights cast to it (autograd casts their gradients back). Under autocast everything is
-cast to the autocast dtype first. PEFT instead runs the branch in the adapter dtype; in fp32 the two agree to
-rounding, in bf16 with fp32 adapters the branch is rounded to bf16 one step earlier.
+Dtypes: the fused path needs `x` in the base weight's dtype (as `nn.Linear` does) and, like PEFT, runs the LoRA branch
+and its gradients in the adapters' dtype: fp32 adapters on a bf16 base (PEFT's default upcast) compute `t`, the
+expand, dA and dB in fp32. Adapters in any other dtype are cast to x's. Under autocast every operand is cast to the
+autocast dtype first (`apply_lora_function`), as autocast would cast PEFT's matmuls.
 """
 
 from __future__ import annotations
@@ -136,8 +136,9 @@ class VisionLoraLinear(LoraLinear):
 
     def _fused(self, adapter: str, operands: tuple, p: float, training: bool) -> torch.Tensor:
         x, weight, bias, lora_A, lora_B = operands
-        # adapters may be kept in another dtype (PEFT upcasts them to fp32 by default): compute in x's dtype
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        # fp32 adapters (PEFT's default upcast) keep their dtype, as in PEFT's layer; any other dtype computes in x's
+        if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         kernel = self.lora_kernel.get(adapter, "auto")
         return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling[adapter], p, training, kernel=kernel)
 
