@@ -88,6 +88,10 @@ class VisionLoraLinear(LoraLinear):
             return f"base layer is {type(base).__name__} with a custom forward, not a plain nn.Linear"
         if base._forward_hooks or base._forward_pre_hooks:
             return "base layer has forward hooks"
+        tensors = {"base weight": base.weight, "lora_A": self.lora_A[adapter].weight}
+        for name, tensor in tensors.items():
+            if not _plain_tensor(tensor):  # e.g. tensor parallelism applied after injection made it a DTensor
+                return f"{name} is a {type(tensor).__name__}, not a plain tensor (the fused kernels read raw memory)"
         if adapter in self.lora_variant or self.use_dora.get(adapter, False):
             return f"adapter {adapter!r} is a LoRA variant ({type(self.lora_variant.get(adapter)).__name__})"
         if self.lora_bias.get(adapter, False):
@@ -146,11 +150,15 @@ class VisionLoraLinear(LoraLinear):
         return "vision_" + super().__repr__()
 
 
+def _plain_tensor(tensor: torch.Tensor) -> bool:
+    return type(tensor) in (nn.Parameter, torch.Tensor)
+
+
 def _plain_linear(module: nn.Module) -> bool:
     """An exact `nn.Linear` with an ordinary weight: not a quantized/bnb subclass, not a tensor-subclass weight."""
     if type(module) is not nn.Linear:
         return False
-    return type(module.weight) in (nn.Parameter, torch.Tensor)
+    return _plain_tensor(module.weight)
 
 
 def dispatch_vision_lora(
