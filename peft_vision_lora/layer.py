@@ -110,7 +110,8 @@ class VisionLoraLinear(LoraLinear):
             return "peft"
         adapter = self._lora_adapters_in_use()[0]
         try:
-            backend = resolve_kernel(self.lora_kernel.get(adapter, "auto"), self.get_base_layer().weight.device)
+            weight = self.get_base_layer().weight
+            backend = resolve_kernel(self.lora_kernel.get(adapter, "auto"), weight.device, weight.dtype)
         except ValueError:
             return "triton-unavailable"
         return "triton" if backend == "triton" else "torch-fused"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -300,3 +301,32 @@ def test_adapters_in_a_third_dtype_are_rejected_with_the_fix():
     x, weight, bias, lora_A, lora_B, _ = _operands(4, 8, 6, 2)
     with pytest.raises(TypeError, match="lora_A and lora_B in x's dtype"):
         lora_linear_torch(x, weight, bias, lora_A.double(), lora_B.double(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernel="auto": torch-fused until a GPU run has measured, then the table by dtype and token count
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_auto_follows_the_measured_table_by_dtype_and_tokens(tmp_path, monkeypatch):
+    from peft_vision_lora.kernels import auto_table
+
+    monkeypatch.delenv(auto_table.TABLE_ENV, raising=False)
+    assert dispatch.resolve_kernel("auto", "cuda", torch.bfloat16, 4096) == "torch"  # nothing measured yet
+    rows = [
+        {"dtype": "bfloat16", "max_tokens": 64, "backend": "torch"},  # decode-sized batches: cuBLAS
+        {"dtype": "bfloat16", "max_tokens": None, "backend": "triton"},
+    ]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"device": "test", "rows": rows}))
+    monkeypatch.setenv(auto_table.TABLE_ENV, str(path))
+    assert dispatch.resolve_kernel("auto", "cuda", torch.bfloat16, 1) == "torch"
+    assert dispatch.resolve_kernel("auto", "cuda", torch.bfloat16, 4096) == "triton"
+    assert dispatch.resolve_kernel("auto", "cuda", torch.float16, 4096) == "torch"  # dtype not in the table
+    assert dispatch.resolve_kernel("auto", "cpu", torch.bfloat16, 4096) == "torch"
+    path.write_text(json.dumps({"rows": [{"dtype": "bfloat16", "backend": "cutlass"}]}))
+    auto_table.load_table.cache_clear()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.resolve_kernel("auto", "cuda", torch.bfloat16, 1)
+    auto_table.load_table.cache_clear()
