@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from .auto_table import auto_backend
 from .reference import lora_linear_torch
 
 KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -61,15 +62,22 @@ def triton_unusable_reason() -> str | None:
     return None
 
 
-def resolve_kernel(kernel: str, device: torch.device | str) -> Backend:
-    """Map a user's `kernel` choice to the backend that runs on `device`; raise if the choice cannot be honoured."""
+def resolve_kernel(
+    kernel: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, tokens: int | None = None
+) -> Backend:
+    """Map a user's `kernel` choice to the backend that runs on `device`; raise if the choice cannot be honoured.
+
+    `auto` on CUDA follows the measured table in `auto_table.py` for (dtype, tokens), and torch-fused without one.
+    """
     check_kernel_name(kernel)
     device = torch.device(device)
     if kernel == "torch":
         return "torch"
     if kernel == "auto":
         # the interpreter is for testing the kernels, never a default
-        return "triton" if (TRITON_AVAILABLE and device.type == "cuda") else "torch"
+        if not (TRITON_AVAILABLE and device.type == "cuda"):
+            return "torch"
+        return "triton" if auto_backend(dtype, tokens) == "triton" else "torch"
     if not TRITON_AVAILABLE:
         raise ValueError(
             "kernel='triton' needs the `triton` package, which is not importable here. Install it with "
@@ -94,10 +102,11 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     kernel: str = "auto",
-    seed: int | None = None,
+    seed: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """`y = x W^T + b + s * dropout(x) A^T B^T` on the backend `kernel` resolves to for `x.device`."""
-    if resolve_kernel(kernel, x.device) == "triton":
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if resolve_kernel(kernel, x.device, x.dtype, tokens) == "triton":
         return _triton_kernels().lora_linear_triton(
             x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed
         )

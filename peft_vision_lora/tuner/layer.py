@@ -6,10 +6,10 @@ common training case, one plain LoRA adapter on an `nn.Linear`, takes the fused 
 `peft.tuners.lora.layer.Linear.forward`, so the fallback is also the reference. `kernel_path` says which path a layer
 takes and `fallback_reason` why, for `explain` reports.
 
-Dtypes: the fused path needs `x` in the base weight's dtype (as `nn.Linear` does) and computes the LoRA branch in
-that dtype with the adapter weights cast to it (autograd casts their gradients back). Under autocast everything is
-cast to the autocast dtype first. PEFT instead runs the branch in the adapter dtype; in fp32 the two agree to
-rounding, in bf16 with fp32 adapters the branch is rounded to bf16 one step earlier.
+Dtypes: the fused path needs `x` in the base weight's dtype (as `nn.Linear` does) and, like PEFT, runs the LoRA branch
+and its gradients in the adapters' dtype: fp32 adapters on a bf16 base (PEFT's default upcast) compute `t`, the
+expand, dA and dB in fp32. Adapters in any other dtype are cast to x's. Under autocast every operand is cast to the
+autocast dtype first (`apply_lora_function`), as autocast would cast PEFT's matmuls.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ class VisionLoraLinear(LoraLinear):
             return f"base layer is {type(base).__name__} with a custom forward, not a plain nn.Linear"
         if base._forward_hooks or base._forward_pre_hooks:
             return "base layer has forward hooks"
+        tensors = {"base weight": base.weight, "lora_A": self.lora_A[adapter].weight}
+        for name, tensor in tensors.items():
+            if not _plain_tensor(tensor):  # e.g. tensor parallelism applied after injection made it a DTensor
+                return f"{name} is a {type(tensor).__name__}, not a plain tensor (the fused kernels read raw memory)"
         if adapter in self.lora_variant or self.use_dora.get(adapter, False):
             return f"adapter {adapter!r} is a LoRA variant ({type(self.lora_variant.get(adapter)).__name__})"
         if self.lora_bias.get(adapter, False):
@@ -105,7 +109,8 @@ class VisionLoraLinear(LoraLinear):
             return "peft"
         adapter = self._lora_adapters_in_use()[0]
         try:
-            backend = resolve_kernel(self.lora_kernel.get(adapter, "auto"), self.get_base_layer().weight.device)
+            weight = self.get_base_layer().weight
+            backend = resolve_kernel(self.lora_kernel.get(adapter, "auto"), weight.device, weight.dtype)
         except ValueError:
             return "triton-unavailable"
         return "triton" if backend == "triton" else "torch-fused"
@@ -135,8 +140,9 @@ class VisionLoraLinear(LoraLinear):
 
     def _fused(self, adapter: str, operands: tuple, p: float, training: bool) -> torch.Tensor:
         x, weight, bias, lora_A, lora_B = operands
-        # adapters may be kept in another dtype (PEFT upcasts them to fp32 by default): compute in x's dtype
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        # fp32 adapters (PEFT's default upcast) keep their dtype, as in PEFT's layer; any other dtype computes in x's
+        if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         kernel = self.lora_kernel.get(adapter, "auto")
         return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling[adapter], p, training, kernel=kernel)
 
@@ -144,11 +150,15 @@ class VisionLoraLinear(LoraLinear):
         return "vision_" + super().__repr__()
 
 
+def _plain_tensor(tensor: torch.Tensor) -> bool:
+    return type(tensor) in (nn.Parameter, torch.Tensor)
+
+
 def _plain_linear(module: nn.Module) -> bool:
     """An exact `nn.Linear` with an ordinary weight: not a quantized/bnb subclass, not a tensor-subclass weight."""
     if type(module) is not nn.Linear:
         return False
-    return type(module.weight) in (nn.Parameter, torch.Tensor)
+    return _plain_tensor(module.weight)
 
 
 def dispatch_vision_lora(
