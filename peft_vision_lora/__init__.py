@@ -19,6 +19,7 @@ from .registration import register_vision_lora
 from .report import StrategyRow, print_strategy_report, strategy_report
 from .saving import AdapterLoadError, push_adapter_to_hub, save_adapter
 from .sharding import fsdp_block_class_names, save_gathered_adapter
+from .supervised_loss import supervised_loss
 from .targets import TargetPlan, compile_targets
 from .training import (
     ComponentLRMixin,
@@ -62,6 +63,7 @@ __all__ = [
     "save_adapter",
     "save_gathered_adapter",
     "strategy_report",
+    "supervised_loss",
     "vlm_bnb_config",
     "write_model_card",
 ]
