@@ -12,9 +12,9 @@ adds one. Where that cannot be guaranteed it falls back to the model's own loss 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +80,21 @@ def _wants_router_logits(model: nn.Module, inputs: dict[str, Any]) -> bool:
     return any(getattr(c, "output_router_logits", False) for c in (model.config, model.config.get_text_config()))
 
 
+@functools.cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # compiled or dynamically built forward
+        return ""
+
+
 def fallback_reason(model: nn.Module, inputs: dict[str, Any] | None = None) -> str | None:
-    """Why :func:`supervised_loss` would use the model's own loss for ``model`` (a PeftModel or not), or None."""
+    """Why :func:`supervised_loss` would use the model's own loss for ``model`` (a PeftModel or not), or None.
+
+    The kept-logits path needs the forward that owns the output head to slice with transformers'
+    ``slice_logits_to_keep`` (which takes a (batch, seq) bool mask) and to compute ``self.loss_function``, which
+    must be ``ForCausalLMLoss``. Forwards that compute their own loss (BLIP's label smoothing, ...) fall back.
+    """
     base = unwrap_model(model)
     config = getattr(base, "config", None)
     if config is None:
@@ -90,23 +103,18 @@ def fallback_reason(model: nn.Module, inputs: dict[str, Any] | None = None) -> s
         return "encoder-decoder models compute their loss in the decoder"
     if "logits_to_keep" not in _forward_params(base):
         return f"{type(base).__name__}.forward takes no logits_to_keep (BLIP-2: its loss offsets the query tokens)"
-    heads = [m for m in base.modules() if hasattr(m, "lm_head") and hasattr(m, "loss_type")]
-    if not all(_computes_causal_lm_loss(m) for m in heads or [base]):
-        return f"{type(base).__name__} computes a loss other than transformers' ForCausalLMLoss"
+    heads = [m for m in base.modules() if hasattr(m, "lm_head")] or [base]
+    for head in heads:
+        source = _forward_source(type(head))
+        if "slice_logits_to_keep(" not in source or "self.loss_function(" not in source:
+            return f"{type(head).__name__}.forward does not slice its logits and compute self.loss_function"
+        if not _computes_causal_lm_loss(head):
+            return f"{type(head).__name__} computes a loss other than transformers' ForCausalLMLoss"
     if inputs is not None and "labels" not in inputs and "shift_labels" not in inputs:
         return "the batch has no labels"
     if inputs is not None and _wants_router_logits(base, inputs) and _aux_loss_coef(base) is None:
         return "its MoE auxiliary-loss weight was not found"
     return None
-
-
-def _keeps_by_mask(base: nn.Module) -> bool:
-    """Whether the forward slices with transformers' ``slice_logits_to_keep`` (takes a (batch, seq) bool mask).
-
-    Older forwards index ``hidden_states[:, logits_to_keep, :]``, which only takes a 1-D tensor of positions.
-    """
-    modules = {type(m).__module__ for m in base.modules() if hasattr(m, "lm_head")} or {type(base).__module__}
-    return all(hasattr(sys.modules.get(name), "slice_logits_to_keep") for name in modules)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -194,24 +202,16 @@ def compute_supervised_loss(
         return _own_loss(model, inputs, num_items_in_batch, reason)
 
     shift = _shifted_labels(inputs)  # (B, S)
-    trained = shift != IGNORE_INDEX  # (B, S)
-    by_mask = _keeps_by_mask(base)
-    # A (B, S) bool mask keeps each row's own positions; a 1-D index keeps the union of positions for every row.
-    keep = trained if by_mask else trained.any(dim=0).nonzero().squeeze(1)
+    trained = shift != IGNORE_INDEX  # (B, S) bool: slice_logits_to_keep keeps these rows, flattened to (kept, H)
     model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
     if "use_cache" in _forward_params(base):
         model_inputs.setdefault("use_cache", False)  # the loss never reads the cache; training must not keep one
-    outputs = model(**model_inputs, logits_to_keep=keep)
+    outputs = model(**model_inputs, logits_to_keep=trained)
 
-    logits = outputs.logits
-    targets = shift[trained] if by_mask else shift[:, keep].reshape(-1)
-    logits = logits.reshape(-1, logits.shape[-1])  # (kept, V)
-    if logits.shape[0] != targets.shape[0]:
-        shape = tuple(outputs.logits.shape)
+    logits, targets = outputs.logits, shift[trained]  # (kept, V), (kept,)
+    if logits.shape[:-1] != targets.shape:
+        shape = tuple(logits.shape)
         return _own_loss(model, inputs, num_items_in_batch, f"its logits_to_keep returned logits of shape {shape}")
-    if not by_mask:  # the union also kept untrained positions of some rows
-        rows = targets != IGNORE_INDEX
-        logits, targets = logits[rows], targets[rows]
     loss = chunked_cross_entropy(logits, targets.to(logits.device), num_items_in_batch, chunk_size)
     aux_loss = getattr(outputs, "aux_loss", None)
     if aux_loss is not None:
