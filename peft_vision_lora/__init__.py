@@ -9,6 +9,7 @@ from . import quiet_imports  # noqa: F401
 
 # isort: split
 from .errors import AdapterLoadError, ComponentResolutionError, VisionLoraConfigError
+from .integrations.loss import supervised_loss
 from .integrations.quantization import prepare_vlm_for_kbit_training, vlm_bnb_config
 from .integrations.sharding import fsdp_block_class_names, save_gathered_adapter
 from .integrations.training import (
@@ -72,6 +73,7 @@ __all__ = [
     "save_gathered_adapter",
     "skipped_modules",
     "strategy_report",
+    "supervised_loss",
     "vlm_bnb_config",
     "write_model_card",
 ]

@@ -32,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..resolve.components import resolve_components, unwrap_model
 from ..resolve.names import OTHER, check_known_components
+from .loss import supervised_loss, trainer_supervised_loss
 
 __all__ = [
     "ComponentLRMixin",
@@ -40,6 +41,7 @@ __all__ = [
     "create_optimizer",
     "enable_gradient_checkpointing",
     "parameter_components",
+    "supervised_loss",
 ]
 
 
@@ -115,12 +117,33 @@ class ComponentLRMixin:
     """Adds ``component_lr=`` to a ``Trainer`` subclass: ``class MySFT(ComponentLRMixin, SFTTrainer): ...``.
 
     The optimizer class and its other settings still come from ``TrainingArguments`` (``optim``, ``adam_beta1``,
-    ...); ``learning_rate`` is the rate of components not listed.
+    ...); ``learning_rate`` is the rate of components not listed. ``supervised_loss=True`` (the default) computes
+    training losses with :func:`supervised_loss`: logits only at trained tokens, the same loss and gradients.
     """
 
-    def __init__(self, *args: Any, component_lr: Mapping[str, float] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        component_lr: Mapping[str, float] | None = None,
+        supervised_loss: bool = True,
+        **kwargs: Any,
+    ) -> None:
         self.component_lr = dict(component_lr) if component_lr else None
+        self.use_supervised_loss = supervised_loss
         super().__init__(*args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if self.use_supervised_loss:
+            loss = trainer_supervised_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if loss is not None:
+                return loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.component_lr is None or self.optimizer is not None:
@@ -135,7 +158,8 @@ class ComponentLRMixin:
 
 
 class VisionLoraTrainer(ComponentLRMixin, Trainer):
-    """``transformers.Trainer`` with per-component learning rates (``component_lr=...``)."""
+    """``transformers.Trainer`` with per-component learning rates (``component_lr=...``) and logits only at trained
+    tokens (``supervised_loss=True``)."""
 
 
 def _inputs_require_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
