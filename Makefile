@@ -33,13 +33,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# A fresh resolve of pyproject's ranges (test extras included), frozen into requirements.lock. Run it on purpose:
+# A fresh resolve of pyproject's ranges (test and docs extras included), frozen into requirements.lock. Run it on purpose:
 # to take a new transformers/PEFT release, after changing a range in pyproject.toml; then `make test`.
 lock:
 	rm -rf .venv-lock
 	python3 -m venv .venv-lock
 	.venv-lock/bin/pip install -q -c constraints.txt torch==2.13.0
-	.venv-lock/bin/pip install -q -c constraints.txt ".[test]"
+	.venv-lock/bin/pip install -q -c constraints.txt ".[test,docs]"
 	.venv-lock/bin/python scripts/write_lock.py > $(LOCK)
 	rm -rf .venv-lock
 	@echo "wrote $(LOCK); run 'make test' on it, then commit it"
