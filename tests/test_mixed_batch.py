@@ -109,10 +109,10 @@ def test_kernels_in_a_mixed_batch(model_type, kernel):
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
-@pytest.mark.parametrize("model_type", model_type_params(("qwen2_vl", "llava", "mllama", "idefics3")))
+@pytest.mark.parametrize("model_type", model_type_params(("qwen2_vl", "llava", "mllama", "idefics3", "blip-2", "mistral3", "gemma3")))
 def test_generate_rows_match_their_adapter_alone(model_type, num_beams):
     model = _two_adapters(model_type)
-    counts = [2, 0, 1] if model_type in MULTI_IMAGE_MODEL_TYPES else [1, 1, 1]
+    counts = [2, 1, 1] if model_type == "blip-2" else [2, 0, 1]
     batch, singles = multi_image_batch(model, counts)
     names = ["vis", "full", "__base__"]
     settings = {"max_new_tokens": 4, "do_sample": False, "num_beams": num_beams, "pad_token_id": 0}
