@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fresh_model, model_type_params
 from peft import get_peft_model
 
 from peft_vision_lora import VisionLoraConfig
 from peft_vision_lora.resolve.batch_rows import MIXED_BATCH_MODEL_TYPES, MixedBatchError
 from peft_vision_lora.testing.mixed_batch import MULTI_IMAGE_MODEL_TYPES, multi_image_batch
 from peft_vision_lora.zoo.tiny import SUPPORTED_TINY_MODEL_TYPES, tiny_inputs
-
-from helpers import fresh_model, model_type_params
 
 NO_PROJECTOR_LINEAR = ("gemma3",)  # its projector has no linear layer
 
@@ -109,7 +108,9 @@ def test_kernels_in_a_mixed_batch(model_type, kernel):
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
-@pytest.mark.parametrize("model_type", model_type_params(("qwen2_vl", "llava", "mllama", "idefics3", "blip-2", "mistral3", "gemma3")))
+@pytest.mark.parametrize(
+    "model_type", model_type_params(("qwen2_vl", "llava", "mllama", "idefics3", "blip-2", "mistral3", "gemma3"))
+)
 def test_generate_rows_match_their_adapter_alone(model_type, num_beams):
     model = _two_adapters(model_type)
     counts = [2, 1, 1] if model_type == "blip-2" else [2, 0, 1]
