@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..kernels.dispatch import TRITON_AVAILABLE, check_kernel_name, lora_linear, resolve_kernel
+from .mixed_batch import mixed_lora_forward, per_token_names
 
 KERNEL_PATHS = ("triton", "torch-fused", "peft", "triton-unavailable")  # values of `kernel_path`
 
@@ -81,25 +82,7 @@ class VisionLoraLinear(LoraLinear):
         adapters = self._lora_adapters_in_use()
         if len(adapters) != 1:
             return f"{len(adapters)} active adapters on this layer (the fused path runs exactly one)"
-        adapter = adapters[0]
-        base = self.get_base_layer()
-        if type(base) is not nn.Linear or "forward" in vars(base) or hasattr(base, "_hf_hook"):
-            return f"base layer is {type(base).__name__} with a custom forward, not a plain nn.Linear"
-        if base._forward_hooks or base._forward_pre_hooks:
-            return "base layer has forward hooks"
-        tensors = {"base weight": base.weight, "lora_A": self.lora_A[adapter].weight}
-        for name, tensor in tensors.items():
-            if not _plain_tensor(tensor):  # e.g. tensor parallelism applied after injection made it a DTensor
-                return f"{name} is a {type(tensor).__name__}, not a plain tensor (the fused kernels read raw memory)"
-        if adapter in self.lora_variant or self.use_dora.get(adapter, False):
-            return f"adapter {adapter!r} is a LoRA variant ({type(self.lora_variant.get(adapter)).__name__})"
-        if self.lora_bias.get(adapter, False):
-            return "lora_bias=True"
-        if self.fan_in_fan_out:
-            return "fan_in_fan_out=True"
-        if type(self.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
-            return f"custom dropout module {type(self.lora_dropout[adapter]).__name__}"
-        return None
+        return self._adapter_fallback_reason(adapters[0])
 
     @property
     def kernel_path(self) -> str:
@@ -137,6 +120,50 @@ class VisionLoraLinear(LoraLinear):
             with torch.autocast(device_type, enabled=False):
                 return self._fused(adapter, operands, p, dropout.training)
         return self._fused(adapter, operands, p, dropout.training)
+
+    # ---- mixed-adapter batches (see tuner/mixed_batch.py) -----------------------------------------------------------
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        names = kwargs.get("adapter_names")
+        if names is not None and len(names) != len(x) and per_token_names(x, names) is not None:
+            x = x.reshape(-1, x.shape[-1])  # one name per token (Pixtral's one-row tower): PEFT checks rows
+        super()._check_forward_args(x, *args, **kwargs)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        used = {name for name in adapter_names if name in self.lora_A}
+        plain = all(self._adapter_fallback_reason(name) is None for name in used)
+        extra = args or any(value is not None for value in kwargs.values())
+        same_dtype = x.dtype == self.get_base_layer().weight.dtype and not torch.is_autocast_enabled(x.device.type)
+        if plain and not extra and same_dtype:
+            return mixed_lora_forward(self, x, adapter_names)
+        if len(adapter_names) == len(x):
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, in): PEFT's path indexes rows, so give it one row per token
+        out = super()._mixed_batch_forward(flat, *args, adapter_names=per_token_names(x, adapter_names), **kwargs)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _adapter_fallback_reason(self, adapter: str) -> str | None:
+        """Why `adapter` cannot take the fused path on this layer (in a single-adapter or a mixed batch), or None."""
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or "forward" in vars(base) or hasattr(base, "_hf_hook"):
+            return f"base layer is {type(base).__name__} with a custom forward, not a plain nn.Linear"
+        if base._forward_hooks or base._forward_pre_hooks:
+            return "base layer has forward hooks"
+        tensors = {"base weight": base.weight, "lora_A": self.lora_A[adapter].weight}
+        for name, tensor in tensors.items():
+            if not _plain_tensor(tensor):  # e.g. tensor parallelism applied after injection made it a DTensor
+                return f"{name} is a {type(tensor).__name__}, not a plain tensor (the fused kernels read raw memory)"
+        if adapter in self.lora_variant or self.use_dora.get(adapter, False):
+            return f"adapter {adapter!r} is a LoRA variant ({type(self.lora_variant.get(adapter)).__name__})"
+        if self.lora_bias.get(adapter, False):
+            return "lora_bias=True"
+        if self.fan_in_fan_out:
+            return "fan_in_fan_out=True"
+        if type(self.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+            return f"custom dropout module {type(self.lora_dropout[adapter]).__name__}"
+        return None
 
     def _fused(self, adapter: str, operands: tuple, p: float, training: bool) -> torch.Tensor:
         x, weight, bias, lora_A, lora_B = operands

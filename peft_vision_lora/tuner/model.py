@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from ..resolve.targets import apply_plan, compact_regex, compile_targets
 from . import load_rollback
 from .config import VisionLoraConfig
 from .layer import dispatch_vision_lora
+from .mixed_batch import mixed_batch_hooks
 from .strict_load import remap_and_check
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,17 @@ class VisionLoraModel(LoraModel):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if ours:
             config.component_targets = _component_targets(model, adapter_name) or config.component_targets
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT's hooks (checks, per-sample names), then ours: tower rows mapped to samples (tuner/mixed_batch.py)."""
+        adapter_names = kwargs.get("adapter_names")
+        with super()._enable_peft_forward_hooks(*args, **kwargs):
+            if adapter_names is None:
+                yield
+                return
+            with mixed_batch_hooks(self.model, adapter_names, kwargs):
+                yield
 
     # ---- strict loading (see peft_vision_lora.tuner.strict_load) ----------------------------------------------------
 
