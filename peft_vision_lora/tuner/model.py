@@ -23,8 +23,10 @@ from ..resolve.module_kinds import quantized_layer_path
 from ..resolve.names import OTHER
 from ..resolve.targets import apply_plan, compact_regex, compile_targets
 from .config import VisionLoraConfig
+from .initializations import check_preprocessed
 from .layer import dispatch_vision_lora
 from .strict_load import remap_and_check
+from .weight_conversion import prepare_conversion
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class VisionLoraModel(LoraModel):
         ours = isinstance(config, VisionLoraConfig)
         if ours and kwargs.get("state_dict") is None:
             if not config.is_resolved:
+                check_preprocessed(config)
                 plan = compile_targets(model, config)
                 apply_plan(config, plan)
                 if plan.skipped:
@@ -63,6 +66,21 @@ class VisionLoraModel(LoraModel):
             return super(VisionLoraModel, cls)._remap_adapter_state_dict_for_load(model, config, adapter_name, weights)
 
         return remap_and_check(remap, model, adapter_name, state_dict, config.base_model_name_or_path)
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(
+        cls,
+        peft_model: Any,
+        peft_config: Any,
+        path_initial_model_for_weight_conversion: str,
+        output_state_dict: dict[str, torch.Tensor],
+        kwargs: dict[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        """PiSSA/OLoRA/CorDA/LoRA-GA -> plain LoRA on save, as PEFT does for ``PeftType.LORA`` (weight_conversion)."""
+        prepare_conversion(peft_config, path_initial_model_for_weight_conversion)
+        return super()._convert_state_dict_for_initial_model(
+            peft_model, peft_config, path_initial_model_for_weight_conversion, output_state_dict, kwargs
+        )
 
     def _get_module_names_tied_with_embedding(self) -> list[str]:
         # Some VLMs raise from get_input_embeddings (PP-FormulaNet); our targets never include embeddings unless
