@@ -82,12 +82,13 @@ def _convert_and_reload(model: PeftModel, model_type: str, init_dir, out_dir, ba
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_base_mutating_init_matches_lora_and_converts(model_type, init, tmp_path):
     batch = inputs_for(model_type)
+    base, base_ref = fresh_model(model_type), fresh_model(model_type)  # built first: a first build seeds the RNG
     base_logits = _logits(fresh_model(model_type), batch)
     torch.manual_seed(0)
     config = VisionLoraConfig(**OPTIONS, component_r={"vision": 2}, kernel="torch", init_lora_weights=init)
-    ours = get_peft_model(fresh_model(model_type), config)
+    ours = get_peft_model(base, config)
     torch.manual_seed(0)
-    reference = get_peft_model(fresh_model(model_type), _reference_config(ours, init_lora_weights=init))
+    reference = get_peft_model(base_ref, _reference_config(ours, init_lora_weights=init))
 
     _assert_same_state(ours, reference)  # same decomposition, same residual base
     # the init moves the top of W into B A: the adapted model still computes the base model's function
@@ -158,13 +159,12 @@ def test_eva_layer_inputs_keep_tokens_and_every_patch():
 
 def _preprocessed_pair(model_type, init, extra, preprocess):
     """Our adapter and PEFT's LoRA on the same modules, each built after PEFT's preprocessing of its own base."""
+    base, base_ref = fresh_model(model_type), fresh_model(model_type)  # built first: a first build seeds the RNG
     torch.manual_seed(0)
-    base = fresh_model(model_type)
     config = resolve_targets(base, VisionLoraConfig(**OPTIONS, kernel="torch", init_lora_weights=init, **extra))
     preprocess(base, config)
     ours = get_peft_model(base, config)
     torch.manual_seed(0)
-    base_ref = fresh_model(model_type)
     reference_config = _reference_config(ours, init_lora_weights=init, **extra)
     preprocess(base_ref, reference_config)
     return ours, get_peft_model(base_ref, reference_config)
@@ -236,3 +236,31 @@ def test_loftq_matches_lora_on_cuda():
         fresh_model("llava"), _reference_config(ours, init_lora_weights="loftq", loftq_config=loftq)
     )
     _assert_same_state(ours, reference, atol=1e-6)
+
+
+def test_card_of_a_converted_adapter_describes_the_saved_rank(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(
+        fresh_model("llava"), VisionLoraConfig(**OPTIONS, kernel="torch", init_lora_weights="olora")
+    )
+    model.save_pretrained(str(tmp_path / "init"))
+    _train_step(model, inputs_for("llava"))
+    model.save_pretrained(str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "r=8" in card and "r=4" not in card
+    assert model.peft_config["default"].r == 4  # the live adapter is unchanged
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal", "mica"])
+def test_other_inits_match_lora(model_type, init):
+    """Inits that leave the base alone: same weights and logits as PEFT's LoRA, then the same training step."""
+    batch = inputs_for(model_type)
+    base, base_ref = fresh_model(model_type), fresh_model(model_type)  # built first: a first build seeds the RNG
+    torch.manual_seed(0)
+    ours = get_peft_model(base, VisionLoraConfig(**OPTIONS, kernel="torch", init_lora_weights=init))
+    torch.manual_seed(0)
+    reference = get_peft_model(base_ref, _reference_config(ours, init_lora_weights=init))
+    _assert_same_state(ours, reference)
+    torch.testing.assert_close(_logits(ours, batch), _logits(reference, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_train_step(ours, batch), _train_step(reference, batch), rtol=1e-5, atol=1e-5)
