@@ -31,6 +31,7 @@ from .sharing.card import write_model_card
 from .sharing.export import export_lora
 from .sharing.hub import push_adapter_to_hub
 from .tuner.config import TASK_PRESETS, VisionLoraConfig
+from .tuner.initializations import eva_layer_inputs, eva_model_inputs, initialize_eva_weights, resolve_targets
 from .tuner.model import VisionLoraModel
 from .tuner.registration import register_vision_lora
 
@@ -60,15 +61,19 @@ __all__ = [
     "component_param_groups",
     "create_optimizer",
     "enable_gradient_checkpointing",
+    "eva_layer_inputs",
+    "eva_model_inputs",
     "explain",
     "export_lora",
     "fsdp_block_class_names",
+    "initialize_eva_weights",
     "prepare_vlm_for_kbit_training",
     "print_strategy_report",
     "push_adapter_to_hub",
     "quantized_footprint",
     "register_vision_lora",
     "resolve_components",
+    "resolve_targets",
     "save_adapter",
     "save_gathered_adapter",
     "skipped_modules",

@@ -69,7 +69,6 @@ def test_qformer_follows_projector():
         ({"component_alpha": {"vision": True}}, "Alphas in `component_alpha` must be positive numbers"),
         ({"finetune_projector": "half"}, "finetune_projector"),
         ({"kernel": "cuda"}, "Unknown kernel 'cuda'"),
-        ({"init_lora_weights": "pissa"}, "not supported by VISION_LORA"),
         (
             {"finetune_vision_layers": False, "finetune_language_layers": False},
             "no linear layer matched: vision=False, language=False",

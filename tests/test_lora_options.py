@@ -6,11 +6,20 @@ import pathlib
 import pytest
 import torch
 from helpers import fresh_model, inputs_for
-from peft import LoraConfig, LoraRuntimeConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    EvaConfig,
+    LoraConfig,
+    LoraGAConfig,
+    LoraRuntimeConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.config import CordaConfig
 
 from peft_vision_lora import VisionLoraConfig, VisionLoraConfigError
-from peft_vision_lora.tuner.lora_options import LORA_OPTIONS, option_table
+from peft_vision_lora.tuner.lora_options import LORA_OPTIONS, option_table, status_here
 
 DESIGN_NOTES = pathlib.Path(__file__).parents[1] / "docs" / "design-notes.md"
 MODEL = "qwen2_vl"  # no unreachable layers: every module the flags choose is adapted on both sides
@@ -38,15 +47,17 @@ SAME_VALUES = {
     "runtime_config": LoraRuntimeConfig(ephemeral_gpu_offload=True),
     "lora_bias": True,
     "ensure_weight_tying": True,
+    # read only with their init (tested in test_initializations.py); alone, ignored with PEFT's warning, as in LoRA
+    "eva_config": EvaConfig(rho=2.0),
+    "corda_config": CordaConfig(corda_method="kpm"),
+    "lora_ga_config": LoraGAConfig(direction="ArB2r"),
 }
+# "needs-cuda" fields: same where CUDA is present (tested on a GPU by test_initializations.py), refused elsewhere.
+NEEDS_CUDA_VALUES = {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}
 # A non-default value for each refused field.
 REFUSED_VALUES = {
     "megatron_config": {"tensor_model_parallel_size": 1},
     "megatron_core": "my.megatron.core",
-    "loftq_config": {"loftq_bits": 4},
-    "eva_config": {"rho": 2.0},
-    "corda_config": {"cache_file": "x"},
-    "lora_ga_config": {"direction": "ArB2r"},
     "velora_config": {"rank": 4},
     "alora_invocation_tokens": [5],
     "use_qalora": True,
@@ -66,18 +77,23 @@ def test_every_lora_config_field_is_classified():
     assert sorted(fields ^ set(LORA_OPTIONS)) == []
     same = {name for name, (status, _) in LORA_OPTIONS.items() if status == "same"}
     refused = {name for name, (status, _) in LORA_OPTIONS.items() if status == "refused"}
+    needs_cuda = {name for name, (status, _) in LORA_OPTIONS.items() if status == "needs-cuda"}
     assert set(SAME_VALUES) == same
     assert set(REFUSED_VALUES) == refused
+    assert set(NEEDS_CUDA_VALUES) == needs_cuda
 
 
 def test_design_notes_hold_the_generated_table():
     assert option_table() in DESIGN_NOTES.read_text(), "regenerate: python scripts/lora_option_table.py --write"
 
 
-@pytest.mark.parametrize("field", sorted(REFUSED_VALUES))
+REFUSED_HERE = {**REFUSED_VALUES, **{k: v for k, v in NEEDS_CUDA_VALUES.items() if status_here(k) == "refused"}}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_HERE))
 def test_refused_options_raise_when_the_config_is_built(field):
     with pytest.raises(VisionLoraConfigError, match=rf"\['{field}'\].*LoraConfig"):
-        VisionLoraConfig(**{field: REFUSED_VALUES[field]})
+        VisionLoraConfig(**{field: REFUSED_HERE[field]})
 
 
 def _adapted(model) -> set[str]:

@@ -70,23 +70,30 @@ def _save_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
             raise ValueError("portable=True applies to VISION_LORA adapters; this model has none to convert.")
         if not arguments.get("is_main_process", True) or not ours:
             return original(self, save_directory, *args, **kwargs)
+        # PiSSA & co. converted to LoRA on save: the saved adapter has rank 2r; describe it, not the live one
+        converted = arguments.get("path_initial_model_for_weight_conversion") is not None
         if writing_staged():  # already inside a staging or scratch folder (save_adapter, push_to_hub)
             original(self, save_directory, *args, **kwargs)
-            return _finish(Path(save_directory), ours, portable)
+            return _finish(Path(save_directory), ours, portable=portable, from_saved_config=converted)
         with atomic_save_folder(save_directory, updated_files=model_card_paths(self, selected)) as staged:
             original(self, str(staged), *args, **kwargs)
-            return _finish(staged, ours, portable)
+            return _finish(staged, ours, portable=portable, from_saved_config=converted)
 
     return save_pretrained
 
 
-def _finish(folder: Path, adapters: dict[str, Any], portable: bool) -> None:
+def _finish(folder: Path, adapters: dict[str, Any], *, portable: bool, from_saved_config: bool) -> None:
     """After PEFT's save: the portable rewrite if asked for, then our card beside each saved adapter, once its
-    weights are written (PEFT's layout: the default adapter at the top, others in subfolders)."""
+    weights are written (PEFT's layout: the default adapter at the top, others in subfolders).
+
+    ``from_saved_config``: describe the config PEFT wrote (it differs from the live one after a conversion)."""
     if portable:
         make_folder_portable(folder, adapters)
     for name, config in adapters.items():
-        write_model_card(folder if name == "default" else folder / name, config)
+        adapter_folder = folder if name == "default" else folder / name
+        if from_saved_config:
+            config = type(config).from_pretrained(str(adapter_folder))
+        write_model_card(adapter_folder, config)
 
 
 def _push_to_hub(original: Callable[..., Any]) -> Callable[..., Any]:

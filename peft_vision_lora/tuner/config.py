@@ -19,7 +19,7 @@ from peft.utils import CONFIG_NAME
 from ..errors import VisionLoraConfigError
 from ..kernels.dispatch import check_kernel_name
 from ..resolve.names import BLOCK_COMPONENTS, COMPONENT_FLAGS, COMPONENTS, check_known_components
-from .lora_options import LORA_OPTIONS, refused_options
+from .lora_options import LORA_OPTIONS, cuda_available, refused_options
 from .peft_type import ensure_peft_type
 
 # Where a portable adapter folder keeps the full VisionLoraConfig, beside a plain-LoRA adapter_config.json.
@@ -33,9 +33,8 @@ TASK_PRESETS: dict[str, dict[str, bool]] = {
     "domain_adaptation": {"finetune_vision_layers": True, "finetune_language_layers": False},
 }
 TASK_ALIASES = {"document": "ocr", "caption": "captioning", "domain": "domain_adaptation"}
-# Initialisations that PEFT converts on save only for ``PeftType.LORA`` (PiSSA/OLoRA/CorDA/LoRA-GA conversion) or that
-# need PEFT's LoRA-only entry points (EVA, LoftQ): rejected instead of silently saving unconverted weights.
-UNSUPPORTED_INITS = ("pissa", "olora", "corda", "lora_ga", "eva", "loftq")
+# Initialisations PEFT runs only on CUDA (LoftQ quantizes there whatever the weights' device): refused without it.
+CUDA_ONLY_INITS = ("loftq",)
 
 _FLAG_FIELDS = (
     "finetune_vision_layers",
@@ -170,6 +169,7 @@ class VisionLoraConfig(LoraConfig):
         # regex ourselves (see peft_vision_lora.layer_selection), so PEFT's checks must not see them.
         layers, pattern = self.layers_to_transform, self.layers_pattern
         self.layers_to_transform = self.layers_pattern = None
+        self._check_init_runs_here()
         # before PEFT's own __post_init__, which converts or drops some of them (loftq_config without 'loftq')
         refused = refused_options(self)
         if refused:
@@ -244,14 +244,18 @@ class VisionLoraConfig(LoraConfig):
                 raise VisionLoraConfigError(f"{what} in `{name}` must be {kind}, got {bad}.")
         self._validate_component_layers()
         self._validate_layers_to_transform()
-        init = self.init_lora_weights
-        if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
-            raise VisionLoraConfigError(
-                f"init_lora_weights={init!r} is not supported by VISION_LORA: PEFT applies its save-time conversion "
-                "only to PeftType.LORA. Use True, False or 'gaussian', or export to plain LoRA first."
-            )
         if not self.is_resolved:
             self._check_flags_select_something()
+
+    def _check_init_runs_here(self) -> None:
+        """LoftQ: PEFT quantizes on CUDA; refuse it up front where there is none (before loftq_config is looked at)."""
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() in CUDA_ONLY_INITS and not cuda_available():
+            raise VisionLoraConfigError(
+                f"init_lora_weights={init!r} needs a CUDA device: PEFT's LoftQ quantizes the base weights on CUDA "
+                "and none is available here. Run on a GPU machine, or pick an init that runs on CPU: 'pissa' (or "
+                "'pissa_niter_4'), 'olora', 'eva', 'corda', True."
+            )
 
     def _validate_component_layers(self) -> None:
         """Layer lists are JSON-serialisable lists of ints (a range or tuple is converted) for known components."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-Status = Literal["same", "compiled", "refused"]
+Status = Literal["same", "compiled", "refused", "needs-cuda"]
 
 # field -> (status, note). "same": passed to PEFT's LoRA unchanged; "compiled": VISION_LORA turns it into the
-# target regex / patterns it writes back; "refused": any non-default value raises when the config is built.
+# target regex / patterns it writes back; "refused": any non-default value raises when the config is built;
+# "needs-cuda": "same" where CUDA is available, "refused" elsewhere (PEFT's LoftQ quantizes on CUDA only).
 LORA_OPTIONS: dict[str, tuple[Status, str]] = {
     "task_type": ("same", "PEFT picks the PeftModel class from it."),
     "peft_type": ("compiled", "Always `VISION_LORA` (set by the config)."),
@@ -34,8 +35,9 @@ LORA_OPTIONS: dict[str, tuple[Status, str]] = {
     "modules_to_save": ("same", "Merged with the projector under finetune_projector='full'."),
     "init_lora_weights": (
         "same",
-        "True, False, 'gaussian' as in LoRA; 'pissa'/'olora'/'eva'/'corda'/'loftq'/'lora_ga' refused for now "
-        "(PEFT's save-time conversion is keyed to PeftType.LORA).",
+        "Every LoRA init: True, False, 'gaussian', 'orthogonal', 'mica', 'pissa'/'pissa_niter_N', 'olora', 'eva' "
+        "(`initialize_lora_eva_weights`), 'corda'/'lora_ga' (their PEFT preprocessing, after "
+        "`peft_vision_lora.resolve_targets`), with PEFT's save-time conversion; 'loftq' needs CUDA (refused without).",
     ),
     "layers_to_transform": ("compiled", "Layer indices of every numbered stack; see `layer_selection`."),
     "layers_pattern": ("compiled", "Names the stacks `layers_to_transform` counts in."),
@@ -44,10 +46,13 @@ LORA_OPTIONS: dict[str, tuple[Status, str]] = {
     "megatron_config": ("refused", "Megatron parallel linears are not resolved into VLM components."),
     "megatron_core": ("refused", "Only read with megatron_config."),
     "trainable_token_indices": ("same", "Trains the given token embeddings, as in LoRA."),
-    "loftq_config": ("refused", "Only read with init_lora_weights='loftq' (refused; needs CUDA in PEFT)."),
-    "eva_config": ("refused", "Only read with init_lora_weights='eva' (refused for now)."),
-    "corda_config": ("refused", "Only read with init_lora_weights='corda' (refused for now)."),
-    "lora_ga_config": ("refused", "Only read with init_lora_weights='lora_ga' (refused for now)."),
+    "loftq_config": (
+        "needs-cuda",
+        "Read with init_lora_weights='loftq', as in LoRA; refused without CUDA (PEFT's LoftQ quantizes on CUDA only).",
+    ),
+    "eva_config": ("same", "Read by `initialize_lora_eva_weights`, as in LoRA."),
+    "corda_config": ("same", "Read by `preprocess_corda` and the CorDA init, as in LoRA."),
+    "lora_ga_config": ("same", "Read by `preprocess_loraga` and the LoRA-GA init, as in LoRA."),
     "use_dora": ("same", "DoRA layers, as in LoRA (PEFT's forward, not the fused one)."),
     "velora_config": ("refused", "Not checked against VLM targets yet."),
     "alora_invocation_tokens": ("refused", "Activated LoRA needs token-level routing not checked for VLMs."),
@@ -73,6 +78,21 @@ def _default(field: dataclasses.Field) -> Any:
     return None
 
 
+def cuda_available() -> bool:
+    """Where PEFT's LoftQ can run: it quantizes on ``cuda`` (or ``xpu``) whatever device the weights are on."""
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def status_here(name: str) -> Status:
+    """The field's status on this machine (``needs-cuda`` resolves to same or refused); unknown fields: refused."""
+    status = LORA_OPTIONS.get(name, ("refused", ""))[0]
+    if status == "needs-cuda":
+        return "same" if cuda_available() else "refused"
+    return status
+
+
 def refused_options(config: Any) -> list[str]:
     """Refused ``LoraConfig`` fields (and fields this table does not know yet) that ``config`` sets to a
     non-default value."""
@@ -81,8 +101,7 @@ def refused_options(config: Any) -> list[str]:
     return [
         field.name
         for field in dataclasses.fields(LoraConfig)
-        if LORA_OPTIONS.get(field.name, ("refused", ""))[0] == "refused"
-        and getattr(config, field.name, None) != _default(field)
+        if status_here(field.name) == "refused" and getattr(config, field.name, None) != _default(field)
     ]
 
 

@@ -27,9 +27,11 @@ from ..resolve.names import OTHER
 from ..resolve.targets import apply_plan, compact_regex, compile_targets
 from . import load_rollback
 from .config import VisionLoraConfig
+from .initializations import check_preprocessed
 from .layer import dispatch_vision_lora
 from .mixed_batch import mixed_batch_hooks
 from .strict_load import remap_and_check
+from .weight_conversion import prepare_conversion
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class VisionLoraModel(LoraModel):
                 load_rollback.snapshot(self, model, adapter_name)
         if ours and kwargs.get("state_dict") is None:
             if not config.is_resolved:
+                check_preprocessed(config)
                 plan = compile_targets(model, config)
                 apply_plan(config, plan)
                 if plan.skipped:
@@ -90,6 +93,21 @@ class VisionLoraModel(LoraModel):
         if tuner is not None:
             load_rollback.forget(tuner, adapter_name)
         return remapped
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(
+        cls,
+        peft_model: Any,
+        peft_config: Any,
+        path_initial_model_for_weight_conversion: str,
+        output_state_dict: dict[str, torch.Tensor],
+        kwargs: dict[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        """PiSSA/OLoRA/CorDA/LoRA-GA -> plain LoRA on save, as PEFT does for ``PeftType.LORA`` (weight_conversion)."""
+        prepare_conversion(peft_config, path_initial_model_for_weight_conversion)
+        return super()._convert_state_dict_for_initial_model(
+            peft_model, peft_config, path_initial_model_for_weight_conversion, output_state_dict, kwargs
+        )
 
     def _get_module_names_tied_with_embedding(self) -> list[str]:
         # Some VLMs raise from get_input_embeddings (PP-FormulaNet); our targets never include embeddings unless
