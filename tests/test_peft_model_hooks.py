@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_vision_lora import VisionLoraConfig
 from peft_vision_lora.kernels import dispatch
-from peft_vision_lora.sharing import atomic_save, peft_model_hooks
+from peft_vision_lora.sharing import atomic_save, peft_model_hooks, portable
 
 MODEL_TYPE = "llava"
 WRAPPED = ("save_pretrained", "push_to_hub", "create_or_update_model_card")
@@ -101,3 +101,18 @@ def test_a_broken_triton_module_raises_instead_of_falling_back(monkeypatch):
     # the torch path never needs it
     expected = x @ (weight + b @ a).T
     torch.testing.assert_close(dispatch.lora_linear(x, weight, None, a, b, 1.0, kernel="torch"), expected)
+
+
+def test_portable_uninstall_restores_pefts_get_peft_type():
+    from peft.config import PeftConfigMixin
+
+    wrapped = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+    original = wrapped.__wrapped__
+    portable.uninstall()
+    try:
+        assert PeftConfigMixin.__dict__["_get_peft_type"].__func__ is original
+        portable.uninstall()
+        assert PeftConfigMixin.__dict__["_get_peft_type"].__func__ is original
+    finally:
+        portable.install()
+    assert PeftConfigMixin.__dict__["_get_peft_type"].__func__.__wrapped__ is original

@@ -89,3 +89,10 @@ def install() -> None:
     _get_peft_type.__wrapped__ = current
     _get_peft_type.__doc__ = current.__doc__
     PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+
+
+def uninstall() -> None:
+    """Put PEFT's own ``_get_peft_type`` back; a second call changes nothing."""
+    current = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+    if getattr(current, _WRAPPED, False):
+        PeftConfigMixin._get_peft_type = classmethod(current.__wrapped__)
