@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from peft_vision_lora.kernels import dispatch, dropout_mask, lora_linear, lora_linear_naive, lora_linear_torch  # noqa: E402
 from peft_vision_lora.kernels.dispatch import resolve_kernel, triton_runs_on  # noqa: E402
-from peft_vision_lora.kernels.reference import TorchLoraLinearFunction  # noqa: E402
+from peft_vision_lora.kernels.torch_fused import TorchLoraLinearFunction  # noqa: E402
 
 triton_lora = importlib.import_module("peft_vision_lora.kernels.triton_lora") if dispatch.TRITON_AVAILABLE else None
 _TRITON_RUNS = triton_lora is not None and (torch.cuda.is_available() or triton_lora.INTERPRETED)

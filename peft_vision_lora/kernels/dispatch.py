@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from .auto_table import auto_backend
-from .reference import lora_linear_torch
+from .torch_fused import lora_linear_torch
 
 KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
 Backend = Literal["torch", "triton"]

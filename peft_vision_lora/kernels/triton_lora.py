@@ -10,7 +10,7 @@ Backward (dt = s/(1-p) * dy B and dB = s * dy^T t are skinny products left to cu
   4. `_lora_grad_a_kernel`      dA = dt^T (x * mask)                    (R, K), split over M, summed in fp32
 
 The dropout mask is never stored: element e = m * K + k is kept iff lane e % 4 of the 64-bit counter hash of word
-e // 4 passes the threshold (`_keep`, the hash of `reference.dropout_bits`), so backward regenerates exactly the
+e // 4 passes the threshold (`_keep`, the hash of `dropout.dropout_bits`), so backward regenerates exactly the
 forward's mask and both backends drop the same elements. The seed is a 0-d int64 device tensor the kernels load:
 no host sync, and a CUDA graph replays with whatever seed the graph drew. One hash (2 multiplies, 3 xor-shifts)
 per element replaces `tl.rand`'s 64-bit Philox (10 rounds, 1 of 4 outputs used).
@@ -34,14 +34,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import (
-    apply_lora_function,
-    dropout_threshold,
-    lora_linear_torch,
-    no_autocast,
-    save_lora_context,
-    seed_tensor,
-)
+from .common import apply_lora_function, no_autocast, save_lora_context
+from .dropout import dropout_threshold, seed_tensor
+from .torch_fused import lora_linear_torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -345,7 +340,7 @@ def triton_dropout_mask(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The 0/1 keep-mask the Triton kernels draw for an input of `shape` (flattened to rows of `shape[-1]`); the
-    same bits as `reference.dropout_mask`, computed by the kernels' `_keep`."""
+    same bits as `dropout.dropout_mask`, computed by the kernels' `_keep`."""
     device = torch.device(device)
     cols = int(shape[-1])
     rows = 1
