@@ -52,7 +52,9 @@ def pretrain(model: torch.nn.Module, steps: int, batch_size: int, lr: float, see
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
-    for step in (bar := tqdm(range(steps), desc="pretrain (full fine-tuning)", unit="step")):
+    # tqdm only on a terminal; plain log lines otherwise
+    on_terminal = sys.stderr.isatty()
+    for step in (bar := tqdm(range(steps), desc="pretrain (full fine-tuning)", unit="step", disable=not on_terminal)):
         batch = collator([data[step * batch_size + i] for i in range(batch_size)])
         loss = model(**batch).loss
         loss.backward()
@@ -60,6 +62,8 @@ def pretrain(model: torch.nn.Module, steps: int, batch_size: int, lr: float, see
         optimizer.zero_grad()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not on_terminal and (step + 1) % max(1, steps // 10) == 0:
+            print(f"pretrain step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
     return losses
 
 

@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,18 @@ class LossInProgressBar(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+
+class PlainLogLines(TrainerCallback):
+    """Off a terminal (CI, a log file, a notebook's captured output) one plain line per log instead of a bar, as
+    transformers itself prints when tqdm is disabled, but short: step, loss, learning rate."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            lr = logs.get("learning_rate")
+            print(
+                f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}" + (f" lr {lr:.2e}" if lr else "")
+            )
 
 
 class LossRecorder(TrainerCallback):
@@ -127,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--head-std", type=float, default=0.3, help="re-draw the tiny model's output head with this std (0: keep)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the default when stderr is not a terminal)"
+    )
     parser.add_argument("--quiet", action="store_true", help="only the final summary line")
     return parser
 
@@ -164,7 +179,8 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         seed=args.seed,
         data_seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=args.no_progress or args.quiet,
+        # tqdm only on a terminal; plain log lines otherwise (PlainLogLines)
+        disable_tqdm=args.no_progress or args.quiet or not sys.stderr.isatty(),
         # Text-only batches leave the vision adapters out of the graph on that rank: DDP must be told to look for
         # unused parameters or it fails with "Expected to have finished reduction in the prior iteration".
         ddp_find_unused_parameters=args.ddp_find_unused_parameters == "true",
@@ -268,6 +284,8 @@ def finetune(args: argparse.Namespace, base: torch.nn.Module | None = None) -> R
     if not trainer.args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossInProgressBar)
+    elif not args.quiet:
+        trainer.add_callback(PlainLogLines)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)  # the adapter only (plus a fully trained projector with "full")
     accuracy = None

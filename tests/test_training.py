@@ -262,3 +262,17 @@ def test_reloaded_adapter_reproduces_the_trained_model(tmp_path):
     result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, result.model(**batch).logits)
+
+
+def test_off_a_terminal_progress_is_plain_log_lines(tmp_path, capsys, monkeypatch):
+    """transformers' convention: a tqdm bar only on a terminal; captured output gets one plain line per log."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    argv = ["--model-type", "qwen2_vl", "--output-dir", str(tmp_path), "--eval-size", "0", "--steps", "3"]
+    finetune_vlm.finetune(finetune_vlm.build_parser().parse_args(argv))
+    captured = capsys.readouterr()
+    assert [line.split(" loss ")[0] for line in captured.out.splitlines() if line.startswith("step ")] == [
+        "step 1/3",
+        "step 2/3",
+        "step 3/3",
+    ]
+    assert "it/s" not in captured.err and "\r" not in captured.err  # no bar
