@@ -294,11 +294,12 @@ def test_bad_dropout_and_empty_inputs(fused):
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_output_can_be_modified_in_place(kernel):
     # Llama 4's MoE adds into a projection's output in place; a view returned by a custom Function forbids that.
-    if kernel == "triton" and not triton_runs_on(torch.device("cpu")):
-        pytest.skip("Triton interpreter not active")
+    if kernel == "triton" and not triton_runs_on(torch.device(DEVICE)):
+        pytest.skip("Triton needs CUDA or the interpreter")
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 12, requires_grad=True)
-    weight, lora_a, lora_b = torch.randn(8, 12), torch.randn(3, 12, requires_grad=True), torch.randn(8, 3)
+    x = torch.randn(2, 5, 12, device=DEVICE, requires_grad=True)
+    weight, lora_b = torch.randn(8, 12, device=DEVICE), torch.randn(8, 3, device=DEVICE)
+    lora_a = torch.randn(3, 12, device=DEVICE, requires_grad=True)
     y = lora_linear(x, weight, None, lora_a, lora_b, 0.5, kernel=kernel)
     y.add_(1.0)
     y.sum().backward()
@@ -313,16 +314,16 @@ def test_output_can_be_modified_in_place(kernel):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_input_without_grad_still_trains_the_adapter(kernel, dropout):
     # The first layer of a frozen tower sees inputs that need no gradient: only dA and dB are asked for.
-    if kernel == "triton" and not triton_runs_on(torch.device("cpu")):
-        pytest.skip("Triton interpreter not active")
+    if kernel == "triton" and not triton_runs_on(torch.device(DEVICE)):
+        pytest.skip("Triton needs CUDA or the interpreter")
     torch.manual_seed(0)
-    x = torch.randn(7, 12)
-    weight, lora_b = torch.randn(8, 12), torch.randn(8, 3, requires_grad=True)
-    lora_a = torch.randn(3, 12, requires_grad=True)
+    x = torch.randn(7, 12, device=DEVICE)
+    weight, lora_b = torch.randn(8, 12, device=DEVICE), torch.randn(8, 3, device=DEVICE, requires_grad=True)
+    lora_a = torch.randn(3, 12, device=DEVICE, requires_grad=True)
     lora_linear(x, weight, None, lora_a, lora_b, 0.5, dropout, training=True, kernel=kernel, seed=5).sum().backward()
     mask = dropout_mask(5, x.shape, dropout, x.device) if kernel == "torch" and dropout else None
     a_ref, b_ref = lora_a.detach().clone().requires_grad_(True), lora_b.detach().clone().requires_grad_(True)
-    if dropout and kernel == "triton":  # the Triton mask comes from Philox: compare against its own regenerated mask
+    if dropout and kernel == "triton":  # the mask Triton's kernels regenerate, rebuilt for the comparison
         from peft_vision_lora.kernels.triton_lora import triton_dropout_mask
 
         mask = triton_dropout_mask(5, x.shape, dropout, x.device)
