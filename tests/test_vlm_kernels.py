@@ -8,7 +8,6 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from peft_vision_lora import VisionLoraConfig, explain
 from peft_vision_lora.kernels.dispatch import triton_runs_on
 
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU machine the real kernels run
 
 
