@@ -271,12 +271,19 @@ def test_trainer_push_to_hub_uploads_our_card(hub, tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), report_to=[], use_cpu=True, push_to_hub=True, hub_model_id=REPO_ID
     )
+    expected = _logits(model)
     Trainer(model=model, args=args).push_to_hub(commit_message="End of training")
     files = hub[-1]["files"]
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "peft" and "vision-lora" in card.data.tags
     assert card.text.count("## Adapted components") == 1
+
+    # What the Trainer uploaded loads back into the same adapter: same config, same outputs.
+    reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), _write(files, tmp_path / "downloaded")).eval()
+    assert isinstance(reloaded.peft_config["default"], VisionLoraConfig)
+    assert reloaded.peft_config["default"].component_r == {"vision": 2}
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_push_to_hub_uploads_every_adapter_with_its_own_card(hub, tmp_path):

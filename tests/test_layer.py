@@ -169,9 +169,15 @@ def test_triton_kernel_matches_torch_kernel(dropout):
     ours_torch.to(device), ours_triton.to(device)
     assert ours_triton.kernel_path == "triton"
     x = torch.randn(2, 9, IN, device=device)
-    for layer in (ours_torch, ours_triton):
-        layer.eval()  # masks come from different RNGs: compare without dropout
-    _assert_same(_step(ours_triton, x), _step(ours_torch, x), atol=1e-5, rtol=1e-5)
+    results = []
+    for layer in (ours_triton, ours_torch):
+        layer.train()  # dropout runs: both kernels hash the same seed into the same mask
+        torch.manual_seed(5)  # each layer draws its dropout seed from the global RNG
+        results.append(_step(layer, x))
+    _assert_same(*results, atol=1e-5, rtol=1e-5)
+    if dropout:
+        ours_torch.eval()
+        assert not torch.allclose(results[1][0], ours_torch(x))  # the mask dropped something
 
 
 def test_kernel_choice_is_validated():

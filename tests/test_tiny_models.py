@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 import torch
@@ -36,15 +35,13 @@ def test_unknown_type_is_rejected():
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_builds_small_and_fast(model_type):
-    start = time.perf_counter()
+def test_builds_small(model_type):
+    # Build time is measured by benchmarks/startup.py: a timed assertion fails on a busy machine.
     model = build_tiny_vlm(model_type)
-    elapsed = time.perf_counter() - start
     assert model.config.model_type == model_type
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) < MAX_PARAMS
-    assert elapsed < 2.0, f"{model_type} took {elapsed:.2f}s to build"
 
 
 @pytest.mark.parametrize("model_type", TYPES)

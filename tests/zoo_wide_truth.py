@@ -69,6 +69,8 @@ _MINICPM = _t(["model.vision_tower"], ["model.vision_tower.vit_merger", "model.m
 _MUSE = dict(vision=["model.vision_tower"], projector=["model.vision_adapter", "model.vision_projection"])
 
 TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
+    # apertus1p5/modeling_apertus1p5.py Apertus1p5Model.__init__: language_model, vision_tokenizer (a VQ tokenizer
+    # built from vision_config, fp32; its codes are argmax indices), audio_tokenizer.
     "apertus1p5": _t(
         language=["model.language_model"], audio=["model.audio_tokenizer"], excluded=["model.vision_tokenizer"]
     ),
@@ -83,6 +85,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "cosmos3_omni": _QWEN3_VL,
     "deepseek_ocr2": _llava(),
     "deepseek_vl": _llava("model.vision_model", "model.aligner"),
+    # deepseek_vl_hybrid/modeling_deepseek_vl_hybrid.py DeepseekVLHybridModel.__init__: high_res_vision_model,
+    # high_res_vision_neck, high_res_vision_proj (SAM path), vision_model, aligner, language_model.
     "deepseek_vl_hybrid": _t(
         [
             "model.vision_model",
@@ -93,6 +97,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         ["model.aligner"],
         ["model.language_model"],
     ),
+    # diffusion_gemma/modeling_diffusion_gemma.py DiffusionGemmaModel.__init__: encoder (DiffusionGemmaEncoderModel:
+    # language_model, vision_tower, embed_vision); decoder = DiffusionGemmaDecoderModel(config), a second text stack.
     "diffusion_gemma": _t(
         ["model.encoder.vision_tower"],
         ["model.encoder.embed_vision"],
@@ -103,6 +109,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     ),
     "emu3": _t(language=["model.text_model"], excluded=["model.vqmodel"]),
     "ernie4_5_vl_moe": _llava(projector="model.resampler_model"),
+    # evolla/modeling_evolla.py EvollaModel.__init__: protein_encoder (EvollaProteinEncoder: model,
+    # sequence_compressor_resampler); decoder layers sit on EvollaModel itself; their `adapter` reads protein states.
     "evolla": _t(
         ["model.protein_encoder.model"],
         ["model.protein_encoder.sequence_compressor_resampler"],
@@ -125,6 +133,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         audio=["model.audio_tower", "model.embed_audio"],
     ),
     "gemma4_unified": _t([], ["model.embed_vision"], ["model.language_model"], audio=["model.embed_audio"]),
+    # git/modeling_git.py GitModel.__init__: image_encoder (GitVisionModel), encoder (GitEncoder, the text stack),
+    # visual_projection (GitProjection).
     "git": _t(["git.image_encoder"], ["git.visual_projection"], ["git.encoder"]),
     "glm46v": _qwen(),
     "glm4v": _qwen(),
@@ -144,6 +154,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "hyperclovax_vision_v2": _t(
         ["model.vision_model"], ["model.vision_model.merger", "model.projector"], ["model.language_model"]
     ),
+    # idefics/modeling_idefics.py IdeficsModel.__init__: vision_model, perceiver_resampler (no config attribute of
+    # its own), gated_cross_attn_layers; the decoder layers sit on IdeficsModel itself.
     "idefics": _t(["model.vision_model"], ["model.perceiver_resampler"], ["model"], ["model.gated_cross_attn_layers"]),
     "idefics2": _t(["model.vision_model"], ["model.connector"], ["model.text_model"]),
     "idefics3": _t(["model.vision_model"], ["model.connector"], ["model.text_model"]),
@@ -154,6 +166,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "instructblip": _BLIP2,
     "instructblipvideo": _BLIP2,
     "internvl": _llava(),
+    # janus/modeling_janus.py JanusModel.__init__: vision_model, aligner (understanding path), vqmodel,
+    # generation_embeddings, generation_aligner, generation_head (image generation), language_model.
     "janus": _t(
         ["model.vision_model"],
         ["model.aligner"],
@@ -188,6 +202,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "muse_glimmer": _t(**_MUSE, language=["model.language_model"]),
     "muse_spark": _t(**_MUSE, language=["model.language_model"], audio=["model.audio_tower"]),
     "nemotron_h_omni": _t(["vision_model"], ["multi_modal_projector"], ["language_model"]),
+    # ovis2/modeling_ovis2.py Ovis2VisionModel.__init__: head_linear + head_norm map vision features onto the
+    # visual vocabulary (Ovis2Model.__init__: vision_tower, language_model).
     "ovis2": _t(
         ["model.vision_tower"],
         ["model.vision_tower.head_linear", "model.vision_tower.head_norm"],
@@ -227,6 +243,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         ["model.encoder.multi_modal_projector"],
         ["model.encoder.text_model", "model.decoder"],
     ),
+    # udop/modeling_udop.py UdopForConditionalGeneration.__init__: encoder and decoder UdopStacks; no vision module
+    # (patches enter the encoder through its patch embedding).
     "udop": _t([], [], ["encoder", "decoder"], ["decoder.block.*.layer.1.EncDecAttention"]),
     "unlimited_ocr": _llava(),
     "video_llama_3": _llava("model.vision_model", "model.projector"),
@@ -234,6 +252,8 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         ["model.image_tower", "model.video_tower"], ["model.multi_modal_projector"], ["model.language_model"]
     ),
     "vipllava": _llava(),
+    # vision_encoder_decoder/modeling_vision_encoder_decoder.py VisionEncoderDecoderModel.__init__: encoder (a vision
+    # model), decoder (a causal LM; its BERT crossattention reads the encoder output).
     "vision-encoder-decoder": _t(["encoder"], [], ["decoder"], ["decoder.bert.encoder.layer.*.crossattention"]),
 }
 
