@@ -33,13 +33,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# A fresh resolve of pyproject's ranges (test and docs extras included), frozen into requirements.lock. Run it on purpose:
+# A fresh resolve of pyproject's ranges (test, docs, mutation extras), frozen into requirements.lock. On purpose:
 # to take a new transformers/PEFT release, after changing a range in pyproject.toml; then `make test`.
 lock:
 	rm -rf .venv-lock
 	python3 -m venv .venv-lock
 	.venv-lock/bin/pip install -q -c constraints.txt torch==2.13.0
-	.venv-lock/bin/pip install -q -c constraints.txt ".[test,docs]"
+	.venv-lock/bin/pip install -q -c constraints.txt ".[test,docs,mutation]"
 	.venv-lock/bin/python scripts/write_lock.py > $(LOCK)
 	rm -rf .venv-lock
 	@echo "wrote $(LOCK); run 'make test' on it, then commit it"
@@ -86,5 +86,5 @@ MODULES ?=
 mutation:
 	test -x $(MUTATION)/bin/python || python3 -m venv $(MUTATION)
 	$(MUTATION)/bin/pip install -q -c constraints.txt -r $(LOCK)
-	$(MUTATION)/bin/pip install -q -c constraints.txt -e ".[mutation]"
+	$(MUTATION)/bin/pip $(EDITABLE)
 	$(MUTATION)/bin/python scripts/mutation.py $(if $(MODULES),--modules $(MODULES))
