@@ -74,7 +74,9 @@ def _lora_dx_add_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def lora_dx_add_(dx: torch.Tensor, dt: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor | None, p: float) -> None:
+def lora_dx_add_(
+    dx: torch.Tensor, dt: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor | None, p: float
+) -> None:
     """dx += (dt A) * mask in place: (M, K) += (M, R) (R, K); `dt` already carries s / (1 - p).
 
     Without dropout and with one dtype this is cuBLAS's `addmm_`; with dropout (the mask regenerated in-kernel) or
