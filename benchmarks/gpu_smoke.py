@@ -1,9 +1,13 @@
 """GPU smoke run for the LoRA Linear kernels: a dozen correctness checks, then bf16 benchmarks and the auto table.
 
+Both GPU designs are checked and timed: the full Triton path (`kernels/triton_lora.py`, every GEMM in Triton) and the
+hybrid one (`kernels/hybrid.py`, cuBLAS base GEMMs + Triton LoRA-only kernels); the auto table keeps, per dtype and
+token bucket, the fastest of torch-fused, Triton and hybrid.
+
 One line per check, `PASS name`, `FAIL name: why` or `SKIP name: why`, then `N passed, M failed, K skipped`; the exit
 status is 1 if any check failed. bf16 tolerances follow Liger-Kernel's rule: the kernel's max error against an fp32
 reference is at most ~2x torch-bf16's. On a GPU (under 5 minutes on one H100-class card) it then times frozen /
-PEFT / torch-fused / Triton layers in bf16 and the torch-fused vs. Triton paths per token bucket, and writes
+PEFT / torch-fused / Triton layers in bf16 and the torch-fused, Triton and hybrid paths per token bucket, and writes
 `smoke.json`, `benchmarks.md` (rows for docs/benchmarks.md) and `auto_table.json` (for kernel="auto") to `--out`.
 
 `--interpret` runs every check at small shapes on CPU under TRITON_INTERPRET=1 (what CI runs); checks that need real
@@ -36,9 +40,13 @@ from torch import nn  # noqa: E402
 
 from peft_vision_lora import VisionLoraConfig  # noqa: E402
 from peft_vision_lora.kernels import dropout_mask, lora_linear_naive, lora_linear_torch  # noqa: E402
+from peft_vision_lora.kernels import hybrid as hy  # noqa: E402
 from peft_vision_lora.kernels import triton_lora as tk  # noqa: E402
 from peft_vision_lora.tuner.layer import VisionLoraLinear  # noqa: E402
 from peft_vision_lora.zoo.tiny import build_tiny_vlm, tiny_inputs  # noqa: E402
+
+# the two GPU designs every kernel check runs (the autotune-config and dx-past-2**31 checks are Triton's own kernels)
+FUSED: tuple[tuple[str, Callable], ...] = (("triton", tk.lora_linear_triton), ("hybrid", hy.lora_linear_hybrid))
 
 
 class Skip(Exception):
@@ -101,15 +109,16 @@ def close(actual, expected, rtol, what=("y", "dx", "dA", "dB")) -> None:
         assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
 
 
-def liger_rule(ctx, ops_low, **kwargs) -> None:
+def liger_rule(ctx, ops_low, kernel: Callable = tk.lora_linear_triton, **kwargs) -> None:
     """Kernel error vs fp32 at most 2x torch-low-precision's (plus a floor for near-exact cases)."""
     reference = step(lora_linear_naive, upcast(ops_low), **kwargs.get("naive", {}))
-    ours = step(tk.lora_linear_triton, ops_low, **kwargs.get("fused", {}))
+    ours = step(kernel, ops_low, **kwargs.get("fused", {}))
     torch_low = step(lora_linear_naive, ops_low, **kwargs.get("naive", {}))
+    label = getattr(kernel, "__name__", "kernel")
     for name, o, t, r in zip(("y", "dx", "dA", "dB"), ours, torch_low, reference):
         kernel_err, torch_err = (o - r).abs().max().item(), (t - r).abs().max().item()
         assert kernel_err <= 2 * torch_err + 1e-3 * max(1.0, r.abs().max().item()), (
-            f"{name}: kernel error {kernel_err:.3e} > 2x torch's {torch_err:.3e}"
+            f"{label} {name}: kernel error {kernel_err:.3e} > 2x torch's {torch_err:.3e}"
         )
 
 
@@ -126,14 +135,18 @@ def fp32_tolerance() -> float:
 def check_ragged_low_precision(ctx: Ctx) -> None:
     m, k, n = (4133, 4104, 4136) if not ctx.interpret else (67, 72, 76)
     for dtype in (ctx.low, torch.float16):
-        liger_rule(ctx, ctx.operands(m, k, n, 16, dtype))
+        for _, fused in FUSED:
+            liger_rule(ctx, ctx.operands(m, k, n, 16, dtype), fused)
 
 
 @check
 def check_ragged_bf16(ctx: Ctx) -> None:
     if ctx.interpret:
         raise Skip("bf16 needs a GPU (the interpreter's bf16 is wrong)")
-    liger_rule(ctx, ctx.operands(1031, 1032, 1033, 16, torch.bfloat16))
+    for _, fused in FUSED:
+        liger_rule(ctx, ctx.operands(1031, 1032, 1033, 16, torch.bfloat16), fused)
+        ops = ctx.operands(1031, 1032, 1033, 16, torch.bfloat16)
+        liger_rule(ctx, ops, fused, fused={"dropout_p": 0.1, "training": True, "seed": 2}, naive=_naive_mask(ops, 2))
 
 
 @check
@@ -142,7 +155,9 @@ def check_rank_sweep(ctx: Ctx) -> None:
     m, k, n = (1029, 1030, 1031) if not ctx.interpret else (37, 40, 36)
     for r in ranks:
         ops = ctx.operands(m, k, n, r)
-        close(step(tk.lora_linear_triton, ops), step(lora_linear_naive, ops), fp32_tolerance())
+        expected = step(lora_linear_naive, ops)
+        for _, fused in FUSED:
+            close(step(fused, ops), expected, fp32_tolerance())
 
 
 @check
@@ -167,7 +182,8 @@ def check_fp32_tf32_on_and_off(ctx: Ctx) -> None:
     try:
         for tf32 in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            close(step(tk.lora_linear_triton, ops), step(lora_linear_naive, ops), fp32_tolerance())
+            for _, fused in FUSED:
+                close(step(fused, ops), step(lora_linear_naive, ops), fp32_tolerance())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
@@ -182,19 +198,20 @@ def check_dropout_keep_rate_and_determinism(ctx: Ctx) -> None:
         assert abs(keep - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5 + 1e-4, f"keep rate {keep} at p={p}"
     # checkpointed (forward recomputed in backward) equals plain: the seed is drawn from the RNG state checkpoint saves
     x, w, b, a, bb, dy = ctx.operands(48, 64, 40, 8)
-    grads = []
-    for checkpointed in (False, True):
-        torch.manual_seed(3)
+    for label, fused in FUSED:
+        grads = []
+        for checkpointed in (False, True):
+            torch.manual_seed(3)
 
-        def f(inp):
-            return tk.lora_linear_triton(inp, w, b, a, bb, 0.5, 0.3, training=True)
+            def f(inp, fused=fused):
+                return fused(inp, w, b, a, bb, 0.5, 0.3, training=True)
 
-        y = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False) if checkpointed else f(x)
-        y.backward(dy)
-        grads.append([x.grad.clone(), a.grad.clone()])
-        x.grad = a.grad = None
-    for plain, ckpt in zip(*grads):
-        assert torch.equal(plain, ckpt), "checkpointed dropout differs from plain"
+            y = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False) if checkpointed else f(x)
+            y.backward(dy)
+            grads.append([x.grad.clone(), a.grad.clone()])
+            x.grad = a.grad = None
+        for plain, ckpt in zip(*grads):
+            assert torch.equal(plain, ckpt), f"{label}: checkpointed dropout differs from plain"
 
 
 def _lazy_strided(ctx: Ctx, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -214,11 +231,13 @@ def check_int64_row_offsets(ctx: Ctx) -> None:
     else:  # M=262,149 x K=8,192 in bf16: 4.3 GB of x
         x = ctx.rand(262_149, 8_192, dtype=torch.bfloat16, seed=9)
         _, w, b, a, bb, _ = ctx.operands(8, 8_192, 256, 16, torch.bfloat16)
+    rows = [0, x.shape[0] - 1]
     with torch.no_grad():
-        y = tk.lora_linear_triton(x, w, b, a, bb, 0.5)
-        rows = [0, x.shape[0] - 1]
         expected = lora_linear_naive(x[rows].float(), w.float(), b.float(), a.float(), bb.float(), 0.5)
-    close([y[rows].float()], [expected], 2e-2, what=("y",))
+        for _, fused in FUSED:
+            y = fused(x, w, b, a, bb, 0.5)
+            close([y[rows].float()], [expected], 2e-2, what=("y",))
+            del y
 
 
 @check
@@ -243,15 +262,21 @@ def check_strided_and_transposed_inputs(ctx: Ctx) -> None:
     transposed_w = w.t().contiguous().t()  # same values, strides (1, n): read in place
     for xs, ws in ((wide, w), (transposed_x, w), (x.detach(), transposed_w)):
         xs = xs.detach().requires_grad_(True)
-        got = step(tk.lora_linear_triton, (xs, ws, b, a, bb, dy))
-        xs.grad = None
-        close(got, step(lora_linear_naive, (xs, w, b, a, bb, dy)), fp32_tolerance())
+        for _, fused in FUSED:
+            got = step(fused, (xs, ws, b, a, bb, dy))
+            xs.grad = None
+            close(got, step(lora_linear_naive, (xs, w, b, a, bb, dy)), fp32_tolerance())
 
 
 @check
 def check_autograd_cases(ctx: Ctx) -> None:
+    for _, fused in FUSED:
+        _autograd_cases(ctx, fused)
+
+
+def _autograd_cases(ctx: Ctx, fused: Callable) -> None:
     x, w, b, a, bb, dy = ctx.operands(40, 48, 36, 4)
-    for fn in (tk.lora_linear_triton, lora_linear_naive):  # no grad on x: only dA and dB
+    for fn in (fused, lora_linear_naive):  # no grad on x: only dA and dB
         fn(x.detach(), w, b, a, bb, 0.5).backward(dy)
     # each fn added once: triton's + naive's; equal halves
     a_grad, bb_grad = a.grad.clone(), bb.grad.clone()
@@ -260,7 +285,7 @@ def check_autograd_cases(ctx: Ctx) -> None:
     close([a_grad / 2, bb_grad / 2], [a.grad, bb.grad], 1e-4, what=("dA", "dB"))
     a.grad = bb.grad = None
     grads = []  # unfrozen W and bias, accumulated over two backward passes
-    for fn in (tk.lora_linear_triton, lora_linear_naive):
+    for fn in (fused, lora_linear_naive):
         wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
         for _ in range(2):
             fn(x, wl, bl, a, bb, 0.5).backward(dy)
@@ -288,6 +313,20 @@ def check_fp32_adapters_on_low_precision_base_vs_peft(ctx: Ctx) -> None:
         results.append([layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad])
     assert ours.kernel_path == "triton" and results[1][0].dtype == torch.float32
     close(results[1], results[0], 1e-2 if not ctx.interpret else 2e-3, what=("dA", "dB"))
+
+
+@check
+def check_hybrid_matches_torch_fused(ctx: Ctx) -> None:
+    """Hybrid vs. torch-fused with one seed: the same dropped elements, fp32 adapters on a low-precision base, and
+    each piece of the hybrid backward (cuBLAS dx + masked LoRA add, Triton dA, cuBLAS dB) on ragged shapes."""
+    m, k, n = (2053, 1030, 1031) if not ctx.interpret else (67, 40, 36)
+    for r in (5, 16, 64):
+        ops = ctx.operands(m, k, n, r)
+        kwargs = {"dropout_p": 0.2, "training": True, "seed": torch.tensor(r, device=ctx.device)}
+        close(step(hy.lora_linear_hybrid, ops, **kwargs), step(lora_linear_torch, ops, **kwargs), fp32_tolerance())
+    ops = ctx.operands(m, k, n, 16, ctx.low, lora_dtype=torch.float32)
+    kwargs = {"dropout_p": 0.1, "training": True, "seed": 4}
+    close(step(hy.lora_linear_hybrid, ops, **kwargs), step(lora_linear_torch, ops, **kwargs), 1e-2)
 
 
 @check
@@ -355,6 +394,23 @@ def check_cuda_graph_replay(ctx: Ctx) -> None:
         eager = layer(static_x)
     layer.train()
     assert eager.shape == outputs[0].shape
+    # the hybrid backend (no kernel= value: the auto table picks it) captured the same way
+    base, lora = layer.get_base_layer(), (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+
+    def hybrid_step():
+        return hy.lora_linear_hybrid(static_x, base.weight, base.bias, *lora, 2.0, 0.1, training=True)
+
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            hybrid_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = hybrid_step()
+    graph.replay()
+    first = static_y.clone()
+    graph.replay()
+    assert not torch.equal(first, static_y), "a CUDA graph replayed the hybrid path's dropout mask"
 
 
 @check
@@ -364,7 +420,8 @@ def check_second_gpu_device_guard(ctx: Ctx) -> None:
     ops = [t.to("cuda:1") if t is not None else None for t in ctx.operands(300, 256, 200, 8)]
     ops = [t.detach().requires_grad_(i in (0, 3, 4)) if t is not None else None for i, t in enumerate(ops)]
     with torch.cuda.device(0):
-        close(step(tk.lora_linear_triton, ops), step(lora_linear_naive, ops), fp32_tolerance())
+        for _, fused in FUSED:
+            close(step(fused, ops), step(lora_linear_naive, ops), fp32_tolerance())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -372,28 +429,31 @@ def check_second_gpu_device_guard(ctx: Ctx) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _time(fn: Callable[[], None], repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
+def _time_interleaved(fns: dict[str, Callable[[], None]], repeats: int = 20) -> dict[str, float]:
+    """Median ms per case, the cases run round-robin so that clock drift hits every case alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
     torch.cuda.synchronize()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def benchmark_auto_table(ctx: Ctx, d: int = 4096, r: int = 16) -> tuple[list[dict], list[dict]]:
-    """Forward+backward ms of torch-fused vs. Triton per dtype and token bucket; the winner of each is the table."""
+    """Forward+backward ms of torch-fused, Triton and hybrid per dtype and token bucket (cases interleaved per bucket,
+    medians); the fastest of each bucket is its table row."""
     rows, table = [], []
     for dtype in (torch.bfloat16, torch.float16):
         for tokens in (1, 16, 64, 256, 1024, 4096, 16384):
             ops = ctx.operands(tokens, d, d, r, dtype)
-            timings = {}
-            for name, fn in (("torch", lora_linear_torch), ("triton", tk.lora_linear_triton)):
-                timings[name] = _time(lambda fn=fn, ops=ops: step(fn, ops))
+            paths = (("torch", lora_linear_torch), *FUSED)
+            timings = _time_interleaved({name: (lambda fn=fn, ops=ops: step(fn, ops)) for name, fn in paths})
             best = min(timings, key=timings.get)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, **timings, "auto": best})
             table.append({"dtype": rows[-1]["dtype"], "max_tokens": tokens, "backend": best})
@@ -414,9 +474,10 @@ def run_benchmarks(ctx: Ctx, out: Path) -> dict:
     for row in layer_rows:
         lines.append(f"| {row.get('shape')} | {row.get('case')} | {row.get('median_ms', row.get('median'))} | "
                      f"{row.get('peak_mb')} |")  # fmt: skip
-    lines += ["", "| dtype | tokens | torch-fused ms | triton ms | auto |", "|---|---|---|---|---|"]
+    lines += ["", "| dtype | tokens | torch-fused ms | triton ms | hybrid ms | auto |", "|---|---|---|---|---|---|"]
     lines += [
-        f"| {r['dtype']} | {r['tokens']} | {r['torch']:.3f} | {r['triton']:.3f} | {r['auto']} |" for r in auto_rows
+        f"| {r['dtype']} | {r['tokens']} | {r['torch']:.3f} | {r['triton']:.3f} | {r['hybrid']:.3f} | {r['auto']} |"
+        for r in auto_rows
     ]
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
     return {"layer": layer_rows, "auto": auto_rows}

@@ -1,14 +1,16 @@
 """What `kernel="auto"` runs on CUDA: a small table keyed by dtype and token count, written by a GPU smoke run.
 
-`benchmarks/gpu_smoke.py` times the torch-fused path (cuBLAS GEMMs + `addmm_`) against the full Triton path per dtype
-and token bucket and writes the winner of each bucket to a JSON file:
+`benchmarks/gpu_smoke.py` times three paths per dtype and token bucket: torch-fused (cuBLAS GEMMs + `addmm_`), the full
+Triton path (`triton_lora.py`: every GEMM in Triton, the LoRA terms in the epilogues) and the hybrid one (`hybrid.py`:
+cuBLAS base GEMMs, Triton only for the dropout-fused shrink, the masked dx add and dA), and writes the winner of each
+bucket to a JSON file:
 
     {"device": "NVIDIA H100 80GB HBM3", "rows": [{"dtype": "bfloat16", "max_tokens": 64, "backend": "torch"}, ...]}
 
 Rows are read in order; the first row whose dtype matches and whose `max_tokens` is >= the token count wins
 (`max_tokens: null` means no limit). Point `PEFT_VISION_LORA_KERNEL_TABLE` at such a file, or ship one beside this
 module as `auto_table.json`. Until a GPU has measured the paths there is no table and auto picks torch-fused: the
-path that can never be slower than itself (the Triton GEMMs have not been compared with cuBLAS on real hardware).
+path that can never be slower than itself (neither Triton design has been compared with cuBLAS on real hardware).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 TABLE_ENV = "PEFT_VISION_LORA_KERNEL_TABLE"
 SHIPPED_TABLE = Path(__file__).with_name("auto_table.json")
 DEFAULT_BACKEND = "torch"
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "hybrid")
 
 
 @functools.cache

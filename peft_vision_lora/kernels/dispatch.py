@@ -1,5 +1,9 @@
 """Pick the LoRA Linear backend: `kernel="auto" | "triton" | "torch"`.
 
+Three backends run: "torch" (fused pure torch, any device), "triton" (every GEMM in Triton, `triton_lora.py`) and
+"hybrid" (cuBLAS base GEMMs + Triton LoRA-only kernels, `hybrid.py`). "hybrid" is no `kernel=` value: only `auto`
+picks it, on CUDA, where the measured table (`auto_table.py`) says it is the fastest for the dtype and token count.
+
 Triton is optional: without it (or without a GPU) everything runs on the pure-torch path, which is also fast on CPU.
 The layer resolves once per forward from the input's device, so a model moved between devices keeps working.
 """
@@ -15,7 +19,7 @@ from .auto_table import auto_backend
 from .torch_fused import lora_linear_torch
 
 KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
-Backend = Literal["torch", "triton"]
+Backend = Literal["torch", "triton", "hybrid"]
 
 
 def _triton_importable() -> bool:
@@ -38,6 +42,12 @@ def _triton_kernels() -> ModuleType:
     from . import triton_lora
 
     return triton_lora
+
+
+def _hybrid_kernels() -> ModuleType:
+    from . import hybrid
+
+    return hybrid
 
 
 def check_kernel_name(kernel: str) -> None:
@@ -67,7 +77,8 @@ def resolve_kernel(
 ) -> Backend:
     """Map a user's `kernel` choice to the backend that runs on `device`; raise if the choice cannot be honoured.
 
-    `auto` on CUDA follows the measured table in `auto_table.py` for (dtype, tokens), and torch-fused without one.
+    `auto` on CUDA follows the measured table in `auto_table.py` for (dtype, tokens): "torch", "triton" or "hybrid";
+    torch-fused without one.
     """
     check_kernel_name(kernel)
     device = torch.device(device)
@@ -77,7 +88,7 @@ def resolve_kernel(
         # the interpreter is for testing the kernels, never a default
         if not (TRITON_AVAILABLE and device.type == "cuda"):
             return "torch"
-        return "triton" if auto_backend(dtype, tokens) == "triton" else "torch"
+        return auto_backend(dtype, tokens)
     if not TRITON_AVAILABLE:
         raise ValueError(
             "kernel='triton' needs the `triton` package, which is not importable here. Install it with "
@@ -106,8 +117,13 @@ def lora_linear(
 ) -> torch.Tensor:
     """`y = x W^T + b + s * dropout(x) A^T B^T` on the backend `kernel` resolves to for `x.device`."""
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if resolve_kernel(kernel, x.device, x.dtype, tokens) == "triton":
+    backend = resolve_kernel(kernel, x.device, x.dtype, tokens)
+    if backend == "triton":
         return _triton_kernels().lora_linear_triton(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed
+        )
+    if backend == "hybrid":
+        return _hybrid_kernels().lora_linear_hybrid(
             x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed
         )
     return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)

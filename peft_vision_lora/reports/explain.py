@@ -22,8 +22,8 @@ class ExplainRow:
     kind: str
     rank: int
     params: int
-    path: str  # which forward the layer runs: "triton", "torch-fused", "peft", "peft-bnb4"/"peft-bnb8" (PEFT's layer
-    # over a bitsandbytes base, dequantizing inside the matmul) or "planned" (not injected yet)
+    path: str  # which forward the layer runs: "triton", "hybrid", "torch-fused", "peft", "peft-bnb4"/"peft-bnb8"
+    # (PEFT's layer over a bitsandbytes base, dequantizing inside the matmul) or "planned" (not injected yet)
 
 
 def _adapted_rows(model: nn.Module, adapter_name: str) -> list[ExplainRow]:

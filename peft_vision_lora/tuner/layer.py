@@ -86,8 +86,9 @@ class VisionLoraLinear(LoraLinear):
 
     @property
     def kernel_path(self) -> str:
-        """'triton', 'torch-fused' or 'peft' for inputs on the base weight's device; 'triton-unavailable' if the
-        adapter asks for kernel='triton' where it cannot run (the forward would raise)."""
+        """'triton', 'hybrid' (auto's measured table chose cuBLAS GEMMs + Triton LoRA kernels), 'torch-fused' or
+        'peft' for inputs on the base weight's device; 'triton-unavailable' if the adapter asks for kernel='triton'
+        where it cannot run (the forward would raise)."""
         if self.fallback_reason() is not None:
             return "peft"
         adapter = self._lora_adapters_in_use()[0]
@@ -96,7 +97,7 @@ class VisionLoraLinear(LoraLinear):
             backend = resolve_kernel(self.lora_kernel.get(adapter, "auto"), weight.device, weight.dtype)
         except ValueError:
             return "triton-unavailable"
-        return "triton" if backend == "triton" else "torch-fused"
+        return "torch-fused" if backend == "torch" else backend
 
     # ------------------------------------------------------------------------------------------------------------
     # forward
