@@ -122,6 +122,19 @@ def _one_tower_batch(config: Any, inputs: Mapping[str, Any], family: str) -> Uni
     return {"image": _uniform_rows(family, _input_ids(family, inputs), token_id, pixels.shape[0])}
 
 
+def _llava_next_tokens(config: Any, size: Sequence[int], strategy: str) -> int:
+    """Placeholders of one image of `size` (H, W), by the model's own anyres grid and unpadding helpers."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size  # features per side of one crop
+    base = side * side + (strategy == "full")  # the base (resized) image; "default" drops CLS
+    rows, cols = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, vision.image_size)
+    # the crops' feature map, unpadded back to the image's aspect ratio (shape only: a 0-channel tensor)
+    height, width = unpad_image(torch.empty(0, rows * side, cols * side), list(size)).shape[1:]
+    return base + height * (width + 1)  # one newline token closes each feature row
+
+
 def _llava_next(config: Any, inputs: Mapping[str, Any], family: str) -> Units:
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -130,21 +143,18 @@ def _llava_next(config: Any, inputs: Mapping[str, Any], family: str) -> Units:
         return {}
     if sizes is None:
         raise MixedBatchError(f"{family}: `adapter_names` with images needs `image_sizes`.")
-    # the placeholder count of an image depends on its size (anyres grid, unpadding, newlines): only one image per
-    # row can be placed without recomputing it, which is the model's own business
+    sizes = sizes.tolist()
+    # an image's placeholder count depends on its size (anyres grid, unpadding, newlines), so rows holding several
+    # images of different sizes are placed by each image's own count
+    strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+    tokens = [_llava_next_tokens(config, size, strategy) for size in sizes]
     token_id = _token_id(config, "image_token_id", "image_token_index")
-    with_images = (_input_ids(family, inputs) == token_id).any(dim=1).nonzero().flatten().tolist()
-    if len(with_images) != len(sizes):
-        raise MixedBatchError(
-            f"{family}: {len(sizes)} images over {len(with_images)} rows with image placeholders; mixed-adapter "
-            "batches support at most one image per row for this family (its per-image placeholder count depends on "
-            "the image size). Put multi-image samples in their own single-adapter batch."
-        )
+    rows = _rows_by_tokens(family, _input_ids(family, inputs), token_id, tokens)
+    # the tower runs each image's real crops (base image first), padding crops of `pixel_values` are dropped
     crops = [
-        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-        for size in sizes.tolist()
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) for size in sizes
     ]
-    return {"image": list(with_images), "crop": _expand(with_images, crops)}
+    return {"image": rows, "crop": _expand(rows, crops)}
 
 
 def _idefics3(config: Any, inputs: Mapping[str, Any], family: str) -> Units:
