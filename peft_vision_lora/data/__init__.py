@@ -3,6 +3,7 @@ assistant's replies, and what it knows about each processor family."""
 
 from .chat_dataset import CHAT_FORMATS, ChatDataError, load_chat_dataset
 from .collator import IGNORE_INDEX, VisionChatCollator
+from .image_only import image_only_processor_class, load_processor, register_image_only_processors
 from .recipes import (
     GENERIC_RECIPE,
     PROCESSOR_MODEL_TYPES,
@@ -23,7 +24,12 @@ __all__ = [
     "ChatRecipe",
     "VisionChatCollator",
     "image_placeholder_ids",
+    "image_only_processor_class",
     "infer_model_type",
     "load_chat_dataset",
+    "load_processor",
     "recipe_for",
 ]
+
+# Folders saved by image-only processors (Qwen2-VL without torchvision) load with AutoProcessor.from_pretrained.
+register_image_only_processors()
