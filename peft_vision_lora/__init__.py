@@ -8,6 +8,7 @@ Importing this package registers the ``VISION_LORA`` PEFT type, so ``get_peft_mo
 from . import quiet_imports  # noqa: F401
 
 # isort: split
+from .data import ChatDataError, VisionChatCollator, load_chat_dataset, load_processor
 from .errors import AdapterLoadError, ComponentResolutionError, VisionLoraConfigError
 from .integrations.loss import supervised_loss
 from .integrations.quantization import prepare_vlm_for_kbit_training, vlm_bnb_config
@@ -46,6 +47,7 @@ __all__ = [
     "COMPONENTS",
     "TASK_PRESETS",
     "AdapterLoadError",
+    "ChatDataError",
     "ComponentLRMixin",
     "ComponentMap",
     "ComponentResolutionError",
@@ -54,6 +56,7 @@ __all__ = [
     "TargetPlan",
     "VisionLoraConfig",
     "VisionLoraConfigError",
+    "VisionChatCollator",
     "VisionLoraModel",
     "VisionLoraTrainer",
     "compile_targets",
@@ -63,6 +66,8 @@ __all__ = [
     "explain",
     "export_lora",
     "fsdp_block_class_names",
+    "load_chat_dataset",
+    "load_processor",
     "prepare_vlm_for_kbit_training",
     "print_strategy_report",
     "push_adapter_to_hub",
