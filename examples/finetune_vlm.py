@@ -252,11 +252,19 @@ def build_base(model_type: str, seed: int = 0, head_std: float = 0.3, text_hidde
     return model
 
 
-def processor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What the collator passes to every processor call: the image resolution, mostly."""
+def processor_kwargs(args: argparse.Namespace, processor: Any) -> dict[str, Any]:
+    """What the collator passes to every processor call: the image resolution, mostly (docs/training.md)."""
     kwargs = dict(args.processor_kwargs or {})
     if args.max_pixels:
-        kwargs["max_pixels"] = args.max_pixels
+        image_processor = processor.image_processor
+        size = getattr(image_processor, "size", None)
+        if not hasattr(image_processor, "merge_size") or getattr(size, "longest_edge", None) is None:
+            raise ValueError(
+                "--max-pixels sets the pixel budget of Qwen2-VL-style image processors; "
+                f"{type(image_processor).__name__} has fixed sizes: pass --processor-kwargs '{{\"size\": ...}}'."
+            )
+        # Qwen2-VL's size is a pixel range: shortest_edge = min_pixels, longest_edge = max_pixels
+        kwargs["size"] = {"shortest_edge": min(size.shortest_edge, args.max_pixels), "longest_edge": args.max_pixels}
     return kwargs
 
 
@@ -272,7 +280,9 @@ def finetune(args: argparse.Namespace, base: torch.nn.Module | None = None) -> R
         base = build_base(args.model_type, args.seed, args.head_std, args.text_hidden)
     processor = load_processor(args.model) if args.model else build_processor(base)
     collator = CountingCollator(
-        VisionChatCollator(processor, model=base, max_length=args.max_length, processor_kwargs=processor_kwargs(args))
+        VisionChatCollator(
+            processor, model=base, max_length=args.max_length, processor_kwargs=processor_kwargs(args, processor)
+        )
     )
     if args.data:
         train = load_chat_dataset(args.data, image_root=args.image_root, format=args.data_format)
