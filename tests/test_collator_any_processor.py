@@ -140,6 +140,14 @@ def test_max_length_cuts_after_a_whole_answer_never_inside_image_tokens(model_ty
     with pytest.warns(UserWarning, match=r"Dropped batch rows \[1\]"):
         dropped = VisionChatCollator(processor, max_length=limit)([short, _long_chat(images)])
     _assert_same_batch(dropped, VisionChatCollator(processor)([short]))
+    # The same when the collator knows no image token by name (a new family): the tokens the processor inserted for
+    # the second image are found by aligning the text-only tokens with the processed ones.
+    # (Mllama's one <|image|> per image is not expanded: there, only its name marks it.)
+    if model_type != "mllama":
+        unnamed = VisionChatCollator(processor, max_length=limit)
+        unnamed.ignored_ids = torch.tensor([], dtype=torch.long)
+        with pytest.warns(UserWarning, match=r"Dropped batch rows \[1\]"):
+            unnamed([short, _long_chat(images)])
 
     # Without the second image the same row is cut after its second answer (the last whole one that fits).
     chat = _long_chat(images[:1])
@@ -156,6 +164,12 @@ def test_max_length_cuts_after_a_whole_answer_never_inside_image_tokens(model_ty
         else:
             assert cut[key].equal(full[key]), key  # pixels untouched: every image token is still there
     assert _turn_ends(cut["labels"][0]) == ends[:2]  # both answers keep their end-of-turn token
+
+    # A limit exactly at an answer's end keeps it; one token less keeps only the answers before.
+    exact = VisionChatCollator(processor, max_length=ends[1])([chat])
+    _assert_same_batch(exact, cut)
+    shorter = VisionChatCollator(processor, max_length=ends[1] - 1)([chat])
+    assert shorter["input_ids"].shape[1] == ends[0] and _turn_ends(shorter["labels"][0]) == ends[:1]
 
     model = fresh_model(model_type)
     loss = model(**cut).loss
