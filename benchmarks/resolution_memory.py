@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = {}
     for budget in args.budgets:
         size = {"shortest_edge": min(budget, 16 * 16), "longest_edge": budget}
-        batch = make_batch(VisionChatCollator(processor, processor_kwargs={"size": size}), args.image_side, args.batch_size)
+        collator = VisionChatCollator(processor, processor_kwargs={"size": size})
+        batch = make_batch(collator, args.image_side, args.batch_size)
         cases[budget] = {k: v.to(device) for k, v in batch.items()}
     times: dict[int, list[float]] = {budget: [] for budget in cases}
     for round_ in range(args.warmup + args.repeats):

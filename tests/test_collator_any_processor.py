@@ -20,6 +20,7 @@ from peft_vision_lora.data import (
     VisionChatCollator,
     image_placeholder_ids,
     infer_model_type,
+    load_processor,
 )
 from peft_vision_lora.testing import SyntheticVLMDataset, build_processor
 
@@ -232,3 +233,24 @@ def test_processor_without_chat_template_is_refused():
     processor.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         VisionChatCollator(processor)
+
+
+def test_load_processor_falls_back_to_image_only_for_a_checkpoints_own_processor(tmp_path):
+    """A real Qwen2-VL checkpoint names `Qwen2VLProcessor`, whose video half needs torchvision (absent here)."""
+    import json
+
+    build_processor("qwen2_vl").save_pretrained(tmp_path)
+    config = tmp_path / "processor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "processor_class": "Qwen2VLProcessor"}))
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(OSError, match="video processor"):
+            AutoProcessor.from_pretrained(tmp_path)
+    loaded = load_processor(tmp_path, max_pixels=64 * 64)
+    assert infer_model_type(loaded) == "qwen2_vl" and loaded.image_processor.size.longest_edge == 64 * 64
+    examples = _rows([1, 0])
+    built = VisionChatCollator(
+        build_processor("qwen2_vl"), processor_kwargs={"size": dict(loaded.image_processor.size)}
+    )
+    _assert_same_batch(VisionChatCollator(loaded)(examples), built(examples))
