@@ -1,15 +1,20 @@
-"""Fine-tune a VLM with VISION_LORA through the Hugging Face Trainer, offline, on a synthetic task.
+"""Fine-tune a VLM with VISION_LORA through the Hugging Face Trainer: your checkpoint and data, or offline tiny ones.
 
-Copy this file to fine-tune your own model: swap ``build_tiny_vlm`` / ``build_processor`` for
-``AutoModelForImageTextToText.from_pretrained`` / ``AutoProcessor.from_pretrained`` and the synthetic dataset for
-yours (same ``{"images": [...], "messages": [...]}`` rows). Everything else stays.
+Your own model and data: a checkpoint folder (``from_pretrained``-able model and processor) and a JSONL/JSON/CSV/
+Parquet file or imagefolder in any format ``load_chat_dataset`` reads (chat messages with image parts, LLaVA/ShareGPT
+``conversations``, or flat image/question/answer columns):
+
+    python examples/finetune_vlm.py --model ./my-qwen2-vl --data train.jsonl --image-root ./images --steps 500 \
+        --max-pixels 200704 --max-length 1024 --output-dir ./adapter
+
+Without ``--model`` / ``--data`` it trains a tiny random-init VLM on a synthetic task, offline:
 
     python examples/finetune_vlm.py --model-type qwen2_vl --task captioning --steps 60 --output-dir /tmp/vlm
     python examples/finetune_vlm.py --task vqa --component-lr language=2e-3 --gradient-checkpointing
     accelerate launch --config_file examples/accelerate_ddp.yaml examples/finetune_vlm.py --text-only-fraction 0.5
 
-The task picks the strategy (``VisionLoraConfig(task=...)``): captioning and OCR train vision + language, VQA the
-language model only, domain adaptation the vision tower only.
+The task picks the strategy (``VisionLoraConfig(task=...)``, also with ``--data``; ``--strategy`` names one):
+captioning and OCR train vision + language, VQA the language model only, domain adaptation the vision tower only.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments
 
 from peft_vision_lora import VisionLoraConfig
-from peft_vision_lora.data import VisionChatCollator
+from peft_vision_lora.data import VisionChatCollator, load_chat_dataset, load_processor
 from peft_vision_lora.data.collator import IGNORE_INDEX
 from peft_vision_lora.integrations.training import VisionLoraTrainer, enable_gradient_checkpointing
 from peft_vision_lora.reports.strategies import STRATEGIES
@@ -106,6 +111,18 @@ def parse_component_lr(items: list[str]) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (model and processor)")
+    parser.add_argument("--data", default=None, help="your data: .jsonl/.json/.csv/.parquet file or imagefolder")
+    parser.add_argument("--image-root", default=None, help="folder relative image paths start at (default: --data's)")
+    parser.add_argument("--data-format", choices=["messages", "sharegpt", "flat"], default=None, help="(detected)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per row; longer rows are cut or dropped")
+    parser.add_argument("--max-pixels", type=int, default=None, help="image resolution cap (Qwen2-VL family)")
+    parser.add_argument(
+        "--processor-kwargs",
+        type=json.loads,
+        default=None,
+        help="JSON passed to the processor, e.g. '{\"size\": ...}'",
+    )
     parser.add_argument("--model-type", default="qwen2_vl", help="tiny model type with an offline processor")
     parser.add_argument("--task", default="captioning", choices=TASKS, help="synthetic task = strategy preset")
     parser.add_argument("--steps", type=int, default=60)
@@ -174,7 +191,6 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         report_to="none",
-        remove_unused_columns=False,  # the collator needs "images" and "messages"
         dataloader_num_workers=0,
         seed=args.seed,
         data_seed=args.seed,
@@ -252,21 +268,48 @@ def build_base(model_type: str, seed: int = 0, head_std: float = 0.3, text_hidde
     return model
 
 
+def processor_kwargs(args: argparse.Namespace, processor: Any) -> dict[str, Any]:
+    """What the collator passes to every processor call: the image resolution, mostly (docs/training.md)."""
+    kwargs = dict(args.processor_kwargs or {})
+    if args.max_pixels:
+        image_processor = processor.image_processor
+        size = getattr(image_processor, "size", None)
+        if not hasattr(image_processor, "merge_size") or getattr(size, "longest_edge", None) is None:
+            raise ValueError(
+                "--max-pixels sets the pixel budget of Qwen2-VL-style image processors; "
+                f"{type(image_processor).__name__} has fixed sizes: pass --processor-kwargs '{{\"size\": ...}}'."
+            )
+        # Qwen2-VL's size is a pixel range: shortest_edge = min_pixels, longest_edge = max_pixels
+        kwargs["size"] = {"shortest_edge": min(size.shortest_edge, args.max_pixels), "longest_edge": args.max_pixels}
+    return kwargs
+
+
 def finetune(args: argparse.Namespace, base: torch.nn.Module | None = None) -> Result:
     """Build (or take) the VLM, wrap it with VISION_LORA, train with the Trainer, save the adapter."""
-    if base is None:
-        base = build_base(args.model_type, args.seed, args.head_std, args.text_hidden)
-    else:
+    if base is not None:
         base = copy.deepcopy(base)
-    processor = build_processor(base)
-    collator = CountingCollator(VisionChatCollator(processor))
-    train = SyntheticVLMDataset(
-        args.task,
-        size=args.train_size,
-        seed=args.seed,
-        text_only_fraction=args.text_only_fraction,
-        max_images=args.max_images,
+    elif args.model:
+        from transformers import AutoModelForImageTextToText
+
+        base = AutoModelForImageTextToText.from_pretrained(args.model)
+    else:
+        base = build_base(args.model_type, args.seed, args.head_std, args.text_hidden)
+    processor = load_processor(args.model) if args.model else build_processor(base)
+    collator = CountingCollator(
+        VisionChatCollator(
+            processor, model=base, max_length=args.max_length, processor_kwargs=processor_kwargs(args, processor)
+        )
     )
+    if args.data:
+        train = load_chat_dataset(args.data, image_root=args.image_root, format=args.data_format)
+    else:
+        train = SyntheticVLMDataset(
+            args.task,
+            size=args.train_size,
+            seed=args.seed,
+            text_only_fraction=args.text_only_fraction,
+            max_images=args.max_images,
+        )
     torch.manual_seed(args.seed)  # LoRA init
     model = get_peft_model(base, make_config(args))
     if args.gradient_checkpointing:
@@ -289,7 +332,7 @@ def finetune(args: argparse.Namespace, base: torch.nn.Module | None = None) -> R
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)  # the adapter only (plus a fully trained projector with "full")
     accuracy = None
-    if args.eval_size and trainer.is_world_process_zero():
+    if args.eval_size and not args.data and trainer.is_world_process_zero():  # synthetic tasks only
         held_out = SyntheticVLMDataset(args.task, size=args.eval_size, seed=EVAL_SEED + args.seed)
         accuracy = answer_accuracy(trainer.model, collator.collator, held_out)
     trainable, _ = model.get_nb_trainable_parameters()

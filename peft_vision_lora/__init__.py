@@ -8,6 +8,7 @@ Importing this package registers the ``VISION_LORA`` PEFT type, so ``get_peft_mo
 from . import quiet_imports  # noqa: F401
 
 # isort: split
+from .data import ChatDataError, VisionChatCollator, load_chat_dataset, load_processor
 from .errors import AdapterLoadError, ComponentResolutionError, VisionLoraConfigError
 from .integrations.loss import supervised_loss
 from .integrations.quantization import prepare_vlm_for_kbit_training, vlm_bnb_config
@@ -47,6 +48,7 @@ __all__ = [
     "COMPONENTS",
     "TASK_PRESETS",
     "AdapterLoadError",
+    "ChatDataError",
     "ComponentLRMixin",
     "ComponentMap",
     "ComponentResolutionError",
@@ -55,6 +57,7 @@ __all__ = [
     "TargetPlan",
     "VisionLoraConfig",
     "VisionLoraConfigError",
+    "VisionChatCollator",
     "VisionLoraModel",
     "VisionLoraTrainer",
     "compile_targets",
@@ -67,6 +70,8 @@ __all__ = [
     "export_lora",
     "fsdp_block_class_names",
     "initialize_eva_weights",
+    "load_chat_dataset",
+    "load_processor",
     "prepare_vlm_for_kbit_training",
     "print_strategy_report",
     "push_adapter_to_hub",

@@ -1,89 +1,134 @@
 """Image-text chat collator: chat examples -> a model batch whose labels train only on the assistant's replies.
 
 The processor does the family-specific work (chat template, image placeholder expansion, pixel tensors, Mllama's
-cross-attention mask, ...). What the collator adds is the label mask, found without knowing any template: for
-every assistant turn it renders the conversation up to the turn's header (``add_generation_prompt=True``) and up
-to the end of the turn, runs both through the processor with the images seen so far, and keeps the tokens in
-between. It then checks that each rendering is a token prefix of the full conversation, so a template whose
-tokens merge across the boundary fails loudly instead of training on a shifted mask. Prompt, padding and image
-tokens are -100.
+cross-attention mask, ...), once per batch. What the collator adds is the label mask, found without knowing any
+template: for every assistant turn it renders the conversation up to the turn's header (``add_generation_prompt=True``)
+and up to the end of the turn and tokenizes those prefixes as text only (no images). It checks that each prefix is a
+token prefix of the whole conversation's text-only tokens (a template whose tokens merge across the boundary fails
+loudly instead of training on a shifted mask), then maps the prefix lengths into the processed batch by aligning the
+text-only tokens with the processor's: every token the processor inserted for an image is unmatched, so the images
+are never processed twice and image expansions of any family are masked. Prompt, padding and image tokens are -100.
 """
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from typing import Any
 
 import torch
 from transformers import ProcessorMixin
 
-from .recipes import RECIPES, image_placeholder_ids
+from .chat_dataset import open_image
+from .recipes import ChatRecipe, image_placeholder_ids, infer_model_type, recipe_for
 
 __all__ = ["IGNORE_INDEX", "VisionChatCollator"]
 
 IGNORE_INDEX = -100
+# Batch entries laid out along the sequence: cut and re-padded with the tokens when max_length truncates.
+_SEQUENCE_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask"}
 
 
 def _image_parts(message: dict[str, Any]) -> int:
     content = message.get("content")
     if isinstance(content, str) or content is None:
         return 0
-    return sum(1 for part in content if part.get("type") == "image")
+    return sum(1 for part in content if part.get("type") in ("image", "image_url"))
 
 
 class VisionChatCollator:
-    """Collate ``{"messages": [...], "images": [...]}`` examples for a VLM (see ``testing.synthetic`` for the format).
+    """Collate ``{"messages": [...], "images": [...]}`` examples for a VLM (see ``load_chat_dataset`` for the format).
 
-    Rows may have any number of images, including none, in one batch (PaliGemma needs at least one per row).
+    Rows may have any number of images, including none, in one batch (PaliGemma needs at least one per row). Image
+    parts may also carry their image (``{"type": "image", "image": PIL.Image | path}``) instead of ``images``.
     Every assistant turn is trained on (including its end-of-turn token); everything else is -100.
 
     Args:
-        processor: a transformers processor with a chat template, e.g. from
-            :func:`~peft_vision_lora.testing.processors.build_processor`.
-        model_type: the processor family (defaults to ``processor.model_type``, which ``build_processor`` sets).
+        processor: any transformers image-text-to-text processor with a chat template, e.g.
+            ``AutoProcessor.from_pretrained(checkpoint)``.
+        model_type: the processor family; inferred from the processor (its ``model_type``, class or tokenizer), or
+            from ``model``, when omitted. Only families that really differ have a recipe; others use the generic one.
+        model: the model the batches are for, to read the family from its config when the processor does not say.
+        max_length: cap on tokens per row. Rows are cut after their last assistant turn that fits whole (end-of-turn
+            token included), never inside image tokens; a row whose first answer or last image ends past
+            ``max_length`` is dropped with a warning (its batch is then processed again without it).
+        processor_kwargs: passed to every processor call, e.g. ``{"max_pixels": 256 * 28 * 28}`` (Qwen2-VL) or
+            ``{"size": {"height": 224, "width": 224}}``: fewer pixels, fewer image tokens, less memory.
     """
 
-    def __init__(self, processor: ProcessorMixin, model_type: str | None = None) -> None:
-        model_type = model_type or getattr(processor, "model_type", None)
-        if model_type not in RECIPES:
+    def __init__(
+        self,
+        processor: ProcessorMixin,
+        model_type: str | None = None,
+        *,
+        model: Any = None,
+        max_length: int | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if getattr(processor, "chat_template", None) is None:
             raise ValueError(
-                f"VisionChatCollator supports the processor families {sorted(RECIPES)}; got {model_type!r}. "
-                "Pass model_type=... when the processor does not carry one."
+                f"{type(processor).__name__} has no chat template: set processor.chat_template (a Jinja string) "
+                "or load a processor whose checkpoint has one."
             )
-        self.processor, self.model_type, self.recipe = processor, model_type, RECIPES[model_type]
-        self.processor.model_type = model_type
-        self.ignored_ids = torch.tensor(sorted(image_placeholder_ids(processor)))
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}.")
+        self.processor = processor
+        self.model_type = model_type or infer_model_type(processor, model)
+        self.recipe: ChatRecipe = recipe_for(self.model_type)
+        self.max_length, self.processor_kwargs = max_length, dict(processor_kwargs or {})
+        self.ignored_ids = torch.tensor(sorted(image_placeholder_ids(processor, self.model_type)), dtype=torch.long)
+
+    # Columns a dataset must keep for this collator (the Trainer reads it; see integrations/training.py).
+    input_columns = ("images", "messages")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        for example in examples:
-            self._validate(example)
+        examples = [self._prepare(i, example) for i, example in enumerate(examples)]
         if self.model_type == "paligemma":
-            return self._prefix_suffix_batch(examples)
-        texts = [self._render(example["messages"]) for example in examples]
-        batch = self._process(texts, [example.get("images") or [] for example in examples])
-        spans = self._assistant_spans(examples, batch["input_ids"], batch["attention_mask"])
-        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-        for row, row_spans in enumerate(spans):
-            for start, end in row_spans:
-                labels[row, start:end] = batch["input_ids"][row, start:end]
-        labels[torch.isin(batch["input_ids"], self.ignored_ids)] = IGNORE_INDEX
-        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-        batch["labels"] = labels
-        return batch
+            batch = self._prefix_suffix_batch(examples)
+            inserted = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        else:
+            batch, inserted = self._chat_batch(examples)
+        if self.max_length is None:
+            return batch
+        return self._truncate(examples, batch, inserted)
 
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _validate(self, example: dict[str, Any]) -> None:
-        messages, images = example.get("messages"), example.get("images") or []
+    def _prepare(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        """Check an example and move images carried by content parts into ``images``."""
+        messages, images = example.get("messages"), list(example.get("images") or [])
         if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError("Each example needs `messages` ending with an assistant turn (the text to train on).")
-        placeholders = sum(_image_parts(m) for m in messages)
+            raise ValueError(
+                f"Example {index} of the batch needs `messages` ending with an assistant turn (the text to train on)."
+            )
+        carried, clean = [], []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") in ("image", "image_url"):
+                        payload = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+                        if payload is not None:
+                            carried.append(open_image(payload))
+                        part = {"type": "image"}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            clean.append(message)
+        if carried and images:
+            raise ValueError(
+                f"Example {index} gives images both in `images` and inside its image parts: use one or the other."
+            )
+        images = images or carried
+        placeholders = sum(_image_parts(m) for m in clean)
         if placeholders != len(images):
             raise ValueError(
-                f"An example has {placeholders} image parts in its messages but {len(images)} images; "
-                'add one {"type": "image"} content part per image, in order.'
+                f"Example {index} has {placeholders} image parts in its messages but {len(images)} images; "
+                'add one {"type": "image"} content part per image, in order (or load rows with load_chat_dataset).'
             )
         if not images and not self.recipe.text_only_rows:
             raise ValueError(f"{self.model_type} cannot take text-only rows: give every example at least one image.")
+        return {"messages": clean, "images": images}
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
@@ -98,47 +143,56 @@ class VisionChatCollator:
             image_arg = images
         else:
             image_arg = [image for row in images for image in row]
-        out = self.processor(text=texts, images=image_arg, padding=True, return_tensors="pt", **kwargs)
+        options = {**self.processor_kwargs, **kwargs}
+        out = self.processor(text=texts, images=image_arg, padding=True, return_tensors="pt", **options)
         return dict(out)
 
-    def _assistant_spans(
-        self, examples: list[dict[str, Any]], input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> list[list[tuple[int, int]]]:
-        """(start, end) token positions of every assistant turn, per row, in the padded batch."""
-        prefix_texts, prefix_images, owners = [], [], []
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.processor.tokenizer(texts)["input_ids"]
+
+    def _chat_batch(self, examples: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The processed batch with labels, and a mask of the tokens the processor inserted for images."""
+        texts = [self._render(example["messages"]) for example in examples]
+        batch = self._process(texts, [example["images"] for example in examples])
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        inserted = torch.zeros_like(input_ids, dtype=torch.bool)
+        plain = self._tokenize(texts)
         for row, example in enumerate(examples):
-            messages, images = example["messages"], example.get("images") or []
-            for turn, message in enumerate(messages):
-                if message.get("role") != "assistant":
-                    continue
-                seen = sum(_image_parts(m) for m in messages[:turn])
-                prefix_texts.append(self._render(messages[:turn], add_generation_prompt=True))
-                prefix_images.append(images[:seen])
-                owners.append((row, turn, "start"))
-                if turn < len(messages) - 1:  # the last turn ends where the conversation ends
-                    prefix_texts.append(self._render(messages[: turn + 1]))
-                    prefix_images.append(images[: seen + _image_parts(message)])
-                    owners.append((row, turn, "end"))
-        prefixes = self._process(prefix_texts, prefix_images)
-        # Positions of real tokens per row, so left or right padding both work.
-        real = [attention_mask[row].nonzero().flatten() for row in range(len(examples))]
-        bounds: dict[tuple[int, int], dict[str, int]] = {}
-        for i, (row, turn, side) in enumerate(owners):
-            prefix = prefixes["input_ids"][i][prefixes["attention_mask"][i].bool()]
-            full = input_ids[row, real[row]]
-            if len(prefix) > len(full) or not torch.equal(full[: len(prefix)], prefix):
-                raise ValueError(
-                    f"The {self.model_type} chat template's rendering up to turn {turn} is not a token prefix of the "
-                    "whole conversation (tokens merge across the boundary), so the prompt cannot be masked. End the "
-                    "generation prompt with a special token or a newline."
-                )
-            bounds.setdefault((row, turn), {})[side] = len(prefix)
-        spans: list[list[tuple[int, int]]] = [[] for _ in examples]
-        for (row, _), sides in sorted(bounds.items()):
-            start, end = sides["start"], sides.get("end", len(real[row]))
-            if end > start:
-                spans[row].append((int(real[row][start]), int(real[row][end - 1]) + 1))
-        return spans
+            real = mask[row].nonzero().flatten()  # positions of real tokens: left or right padding both work
+            processed = input_ids[row, real].tolist()
+            to_processed, extra = _align(plain[row], processed)
+            inserted[row, real[extra]] = True
+            for start, end in self._assistant_bounds(row, example["messages"], plain[row]):
+                first, last = to_processed(start), to_processed(end)
+                if last > first:
+                    span = real[first:last]
+                    labels[row, span] = input_ids[row, span]
+        labels[torch.isin(input_ids, self.ignored_ids) | inserted] = IGNORE_INDEX
+        labels[mask == 0] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch, inserted
+
+    def _assistant_bounds(self, row: int, messages: list[dict[str, Any]], full: list[int]) -> list[tuple[int, int]]:
+        """(start, end) of every assistant turn in the text-only tokens ``full`` of the whole conversation."""
+        bounds = []
+        for turn, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            prefixes = [self._render(messages[:turn], add_generation_prompt=True)]
+            if turn < len(messages) - 1:  # the last turn ends where the conversation ends
+                prefixes.append(self._render(messages[: turn + 1]))
+            lengths = []
+            for prefix in self._tokenize(prefixes):
+                if len(prefix) > len(full) or full[: len(prefix)] != prefix:
+                    raise ValueError(
+                        f"The {self.model_type} chat template's rendering up to turn {turn} of example {row} is not "
+                        "a token prefix of the whole conversation (tokens merge across the boundary), so the prompt "
+                        "cannot be masked. End the generation prompt with a special token or a newline."
+                    )
+                lengths.append(len(prefix))
+            bounds.append((lengths[0], lengths[1] if len(lengths) > 1 else len(full)))
+        return bounds
 
     def _prefix_suffix_batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """PaliGemma has no chat format: the prompt is a prefix (bidirectional attention), the answer a suffix."""
@@ -156,3 +210,94 @@ class VisionChatCollator:
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         batch["labels"] = labels
         return batch
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _truncate(
+        self, examples: list[dict[str, Any]], batch: dict[str, torch.Tensor], inserted: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Cut rows longer than ``max_length`` after their last whole answer; drop rows that cannot be cut."""
+        limit, mask = self.max_length, batch["attention_mask"]
+        if int(mask.sum(1).max()) <= limit:
+            return batch
+        image = torch.isin(batch["input_ids"], self.ignored_ids) | inserted
+        keep_lengths: list[int] = []
+        dropped: list[int] = []
+        for row in range(len(examples)):
+            real = mask[row].nonzero().flatten()
+            if len(real) <= limit:
+                keep_lengths.append(len(real))
+                continue
+            trained = (batch["labels"][row, real] != IGNORE_INDEX).tolist()
+            ends = [i + 1 for i in range(len(trained)) if trained[i] and (i + 1 == len(trained) or not trained[i + 1])]
+            cut = max((end for end in ends if end <= limit), default=0)
+            images_at = image[row, real].nonzero().flatten()
+            if cut == 0 or (len(images_at) and int(images_at[-1]) >= cut):
+                dropped.append(row)
+            keep_lengths.append(cut)
+        if dropped:
+            kept = [example for row, example in enumerate(examples) if row not in dropped]
+            if not kept:
+                raise ValueError(
+                    f"Every example of the batch needs more than max_length={limit} tokens for its images and first "
+                    "answer: raise max_length or lower the image resolution (processor_kwargs)."
+                )
+            warnings.warn(
+                f"Dropped batch rows {dropped}: their images or first answer end past max_length={limit} tokens "
+                "(an answer without its end-of-turn token, or image tokens without their image, would train wrongly).",
+                stacklevel=3,
+            )
+            return self(kept)
+        return _cut_rows(batch, keep_lengths, self.processor.tokenizer)
+
+
+def _align(plain: list[int], processed: list[int]) -> tuple[Any, torch.Tensor]:
+    """Map positions in the text-only tokens to the processor's tokens; also the positions the processor inserted.
+
+    Processors only insert tokens (image expansions), so a greedy walk matches every text token in order; if it ever
+    cannot (a processor that also rewrites text), a full diff does the alignment.
+    """
+    pairs: list[tuple[int, int]] = []
+    j = 0
+    for i, token in enumerate(plain):
+        while j < len(processed) and processed[j] != token:
+            j += 1
+        if j == len(processed):
+            break
+        pairs.append((i, j))
+        j += 1
+    if len(pairs) != len(plain):
+        matcher = difflib.SequenceMatcher(None, plain, processed, autojunk=False)
+        pairs = [(b.a + k, b.b + k) for b in matcher.get_matching_blocks() for k in range(b.size)]
+    to_processed = dict(pairs)
+    matched = {j for _, j in pairs}
+
+    def position(i: int) -> int:
+        if i >= len(plain):
+            return len(processed)
+        while i not in to_processed and i < len(plain):  # an unmatched boundary token: the next matched one
+            i += 1
+        return to_processed.get(i, len(processed))
+
+    extra = torch.tensor([j for j in range(len(processed)) if j not in matched], dtype=torch.long)
+    return position, extra
+
+
+def _cut_rows(batch: dict[str, torch.Tensor], lengths: list[int], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Keep the first ``lengths[row]`` real tokens of each row and re-pad every sequence-shaped entry."""
+    mask = batch["attention_mask"]
+    width, left = max(lengths), tokenizer.padding_side == "left"
+    pad = {"input_ids": tokenizer.pad_token_id or 0, "labels": IGNORE_INDEX}
+    out = dict(batch)
+    for key, value in batch.items():
+        if key not in _SEQUENCE_KEYS | {"labels"} or value.dim() < 2 or value.shape[:2] != mask.shape:
+            continue
+        cut = value.new_full((value.shape[0], width, *value.shape[2:]), pad.get(key, 0))
+        for row, length in enumerate(lengths):
+            real = mask[row].nonzero().flatten()[:length]
+            if left:
+                cut[row, width - length :] = value[row, real]
+            else:
+                cut[row, :length] = value[row, real]
+        out[key] = cut
+    return out

@@ -35,6 +35,7 @@ from ..resolve.names import OTHER, check_known_components
 from .loss import supervised_loss, trainer_supervised_loss
 
 __all__ = [
+    "COLLATOR_COLUMNS",
     "ComponentLRMixin",
     "VisionLoraTrainer",
     "component_param_groups",
@@ -43,6 +44,10 @@ __all__ = [
     "parameter_components",
     "supervised_loss",
 ]
+
+
+# Dataset columns a VLM chat collator reads; the model's forward takes none of them.
+COLLATOR_COLUMNS = ("images", "messages")
 
 
 def parameter_components(model: nn.Module) -> dict[str, str]:
@@ -144,6 +149,15 @@ class ComponentLRMixin:
             if loss is not None:
                 return loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the columns the chat collator reads (``images``, ``messages``) whatever ``remove_unused_columns``
+        says: the model's forward does not take them, so the Trainer would drop them (or fail: "No columns in the
+        dataset match")."""
+        super()._set_signature_columns_if_needed()
+        collator = getattr(self, "data_collator", None)
+        wanted = [*COLLATOR_COLUMNS, *getattr(collator, "input_columns", ())]
+        self._signature_columns += [column for column in wanted if column not in self._signature_columns]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.component_lr is None or self.optimizer is not None:

@@ -18,6 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PretrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
+from ..data.image_only import image_only_processor_class
 from ..data.recipes import PROCESSOR_MODEL_TYPES
 from ..zoo.tiny import END_TOKEN, IMAGE, IMAGE_TOKEN, START_TOKEN, VIDEO_TOKEN, VOCAB, tiny_config
 from .synthetic import tokenizer_corpus
@@ -260,22 +261,6 @@ def _image_processor_and_kwargs(model_type: str, config: PretrainedConfig) -> tu
     raise ValueError(f"No processor recipe for {model_type!r}; supported: {', '.join(PROCESSOR_MODEL_TYPES)}")
 
 
-def _without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """``cls`` accepting ``video_processor=None``: video processors need torchvision, images do not."""
-
-    class ImageOnlyProcessor(cls):
-        @classmethod
-        def get_attributes(cls) -> list[str]:  # the None video processor is neither checked, set nor saved
-            return [name for name in super().get_attributes() if name != "video_processor"]
-
-        def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
-            # SmolVLM's override reads video-processor defaults; the generic one only renders the template.
-            return ProcessorMixin.apply_chat_template(self, conversation, *args, **kwargs)
-
-    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = cls.__name__
-    return ImageOnlyProcessor
-
-
 def _processor_class(model_type: str) -> type[ProcessorMixin]:
     import transformers
 
@@ -291,7 +276,7 @@ def _processor_class(model_type: str) -> type[ProcessorMixin]:
         "smolvlm": "SmolVLMProcessor",
     }
     cls = getattr(transformers, names[model_type])
-    return _without_video(cls) if "video_processor" in cls.get_attributes() else cls
+    return image_only_processor_class(cls) if "video_processor" in cls.get_attributes() else cls
 
 
 def build_processor(model_or_type: Any) -> ProcessorMixin:
