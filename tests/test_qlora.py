@@ -171,7 +171,8 @@ def test_each_strategy_trains_on_a_kbit_base(saved_vlm, bits, strategy):
     model = get_peft_model(_load(saved_vlm, bits), VisionLoraConfig(r=8, lora_alpha=16, **STRATEGIES[strategy]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    losses = _train(model, tiny_inputs("llava", seed=1))
+    # lr 5e-3: at 1e-2 AdamW overshoots on the 4-bit base by the sixth step (loss back above its start)
+    losses = _train(model, tiny_inputs("llava", seed=1), lr=5e-3)
     assert losses[-1] < losses[0] - 0.05, losses
     for name, param in model.named_parameters():  # quantized and high-precision base weights are untouched
         if name in frozen:
