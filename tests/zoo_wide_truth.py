@@ -316,15 +316,39 @@ def linears(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if type(module) is nn.Linear]
 
 
+# Read from the transformers sources: LlavaModel.get_image_features (models/llava/modeling_llava.py) projects
+# `image_outputs.hidden_states[vision_feature_layer]` (default -2), and so do LlavaNextModel, LlavaNextVideoModel,
+# VideoLlavaModel (image and video towers) and Granite4VisionModel: the tower layers after that hidden state run but
+# feed nothing, so no strategy targets them (issue 15's dead adapters). VipLlava reads a list that covers its layers.
+FEATURE_LAYER_TYPES = ("llava", "llava_next", "llava_next_video", "video_llava", "granite4_vision")
+
+
+def unreachable_layers(model: nn.Module, model_type: str) -> tuple[str, ...]:
+    """``<tower>.encoder.layers.<i>`` prefixes of the layers after the hidden state the projector reads."""
+    if model_type not in FEATURE_LAYER_TYPES:
+        return ()
+    modules = dict(model.named_modules())
+    feature = model.config.vision_feature_layer
+    dead = []
+    for tower in TRUTH[model_type]["vision"]:
+        layers = modules.get(f"{tower}.encoder.layers")
+        if layers is None:
+            continue
+        read = feature % (len(layers) + 1)  # hidden_states has one entry more than the layers (the embeddings)
+        dead += [f"{tower}.encoder.layers.{i}" for i in range(read, len(layers))]
+    return tuple(dead)
+
+
 def expected_sets(model: nn.Module, model_type: str) -> dict[str, set[str]]:
     """Targetable linears per component (no embeddings, heads or routers) plus ``routers`` and ``untargeted``."""
     sets: dict[str, set[str]] = {c: set() for c in (*COMPONENTS, "routers", "untargeted")}
+    dead = tuple(f"{layer}." for layer in unreachable_layers(model, model_type))
     for name in linears(model):
         if is_router_name(name):
             sets["routers"].add(name)
             continue
         component = component_of(model_type, name)
-        if component is None or is_embedding(name) or is_head(name):
+        if component is None or is_embedding(name) or is_head(name) or name.startswith(dead):
             sets["untargeted"].add(name)
         else:
             sets[component].add(name)
