@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+from peft_vision_lora.sharing import atomic_save
 from peft_vision_lora.sharing.atomic_save import atomic_directory
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -24,8 +25,12 @@ KEPT = "tokenizer.json"  # written by someone else, not by the save: it must sur
 
 CHILD = textwrap.dedent(
     """
-    import os, shutil, sys
-    import peft_vision_lora.sharing.atomic_save as saving
+    import importlib.util, os, shutil, sys
+
+    # The module alone, loaded from its file: the package's import (PEFT, transformers) would cost each child seconds.
+    spec = importlib.util.spec_from_file_location("atomic_save", sys.argv[3])
+    saving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(saving)
 
     folder, mode = sys.argv[1], sys.argv[2]
     depth = 0
@@ -79,7 +84,7 @@ def _leftovers(folder) -> list[str]:
 
 def _start(folder, mode: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(folder), mode],
+        [sys.executable, "-c", CHILD, str(folder), mode, atomic_save.__file__],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
