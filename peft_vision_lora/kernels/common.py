@@ -4,6 +4,7 @@ call, and the rule for what forward saves for backward."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -115,3 +116,43 @@ def check_operands(
             f"LoRA Linear expects lora_A and lora_B in x's dtype ({x.dtype}) or both in float32, got lora_A "
             f"{lora_A.dtype} and lora_B {lora_B.dtype}; cast the adapter weights (VisionLoraLinear does this for you)."
         )
+
+
+def fused_lora_function(
+    name: str, host_forward: Callable[..., tuple], host_backward: Callable[..., tuple], doc: str
+) -> type[torch.autograd.Function]:
+    """A thin autograd Function over a kernel path's host functions (Liger's layering), shared by Triton and hybrid.
+
+    ``host_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed) -> (y, x2d, t)`` and
+    ``host_backward(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, needs_input_grad, x_shape, lora_dtype)``
+    ``-> (dx, dW, db, dA, dB)``. Saved for backward: what :func:`save_lora_context` keeps, never the mask.
+    """
+
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dropout_p: float,
+        seed: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # an int seed too, when called directly
+        y, x2d, t = host_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        save_lora_context(ctx, x, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
+        return y
+
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2d, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+        with no_autocast(ctx.device_type):
+            grads = host_backward(
+                grad_output, x2d, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed,
+                tuple(ctx.needs_input_grad[:5]), ctx.x_shape, ctx.lora_dtype,
+            )  # fmt: skip
+        return (*grads, None, None, None)
+
+    namespace = {"__doc__": doc, "__module__": host_forward.__module__}
+    namespace |= {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), namespace)

@@ -23,16 +23,13 @@ Liger-Kernel: one private kernel, host functions, a thin `HybridLoraLinearFuncti
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import triton_lora
-from .common import apply_lora_function, no_autocast, save_lora_context
-from .dropout import seed_tensor
+from .common import apply_lora_function, fused_lora_function
 from .torch_fused import lora_linear_torch
 from .triton_lora import _keep  # a jitted helper must be a global of the kernel's module
 
@@ -148,35 +145,12 @@ def hybrid_backward(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class HybridLoraLinearFunction(torch.autograd.Function):
-    """Same contract as `TorchLoraLinearFunction`; saves x, t = dropout(x) A^T and the seed, never the mask."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        scaling: float,
-        dropout_p: float,
-        seed: torch.Tensor | int | None,
-    ) -> torch.Tensor:
-        seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # an int seed too, when called directly
-        y, x2d, t = hybrid_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        save_lora_context(ctx, x, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2d, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-        with no_autocast(ctx.device_type):
-            grads = hybrid_backward(
-                grad_output, x2d, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed,
-                tuple(ctx.needs_input_grad[:5]), ctx.x_shape, ctx.lora_dtype,
-            )  # fmt: skip
-        return (*grads, None, None, None)
+HybridLoraLinearFunction = fused_lora_function(
+    "HybridLoraLinearFunction",
+    hybrid_forward,
+    hybrid_backward,
+    "Same contract as `TorchLoraLinearFunction`; saves x, t = dropout(x) A^T and the seed, never the mask.",
+)
 
 
 def lora_linear_hybrid(

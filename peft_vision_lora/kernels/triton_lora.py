@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .common import apply_lora_function, no_autocast, save_lora_context
+from .common import apply_lora_function, fused_lora_function
 from .dropout import dropout_threshold, seed_tensor
 from .torch_fused import lora_linear_torch
 
@@ -489,35 +489,12 @@ def lora_linear_backward(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class TritonLoraLinearFunction(torch.autograd.Function):
-    """Same contract as `TorchLoraLinearFunction`; saves x, t = dropout(x) A^T and the seed, never the mask."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        scaling: float,
-        dropout_p: float,
-        seed: torch.Tensor | int | None,
-    ) -> torch.Tensor:
-        seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # an int seed too, when called directly
-        y, x2d, t = lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        save_lora_context(ctx, x, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2d, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-        with no_autocast(ctx.device_type):
-            grads = lora_linear_backward(
-                grad_output, x2d, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed,
-                tuple(ctx.needs_input_grad[:5]), ctx.x_shape, ctx.lora_dtype,
-            )  # fmt: skip
-        return (*grads, None, None, None)
+TritonLoraLinearFunction = fused_lora_function(
+    "TritonLoraLinearFunction",
+    lora_linear_forward,
+    lora_linear_backward,
+    "Same contract as `TorchLoraLinearFunction`; saves x, t = dropout(x) A^T and the seed, never the mask.",
+)
 
 
 def lora_linear_triton(
