@@ -23,6 +23,8 @@ Liger-Kernel: one private kernel, host functions, a thin `HybridLoraLinearFuncti
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -110,34 +112,18 @@ def hybrid_forward(
     return (y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])), x2d, t
 
 
-def hybrid_backward(
-    grad_output: torch.Tensor, x2d: torch.Tensor | None, weight: torch.Tensor | None,
-    lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, t: torch.Tensor | None,
-    scaling: float, dropout_p: float, seed: torch.Tensor | None, needs: tuple[bool, ...], x_shape: torch.Size,
-    lora_dtype: torch.dtype,
-) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
-    """Gradients (dx, dW, db, dA, dB) for what `needs` asks; dA, dB and dt in the adapters' dtype, like PEFT."""
-    need_x, need_w, need_b, need_a, need_bb = needs
-    s, p = scaling, dropout_p
-    with triton_lora._device_guard(grad_output.device):
-        dy = triton_lora._as_rows(grad_output, grad_output.shape[-1])  # (M, N)
-        dya = dy if dy.dtype == lora_dtype else dy.to(lora_dtype)  # (M, N) in the adapters' dtype
-        grad_x = grad_w = grad_b = grad_a = grad_bb = None
-        if need_bb:
-            grad_bb = torch.mm(dya.t(), t).mul_(s)  # dB = s * dy^T t: (N, R)
-        if need_x or need_a:
-            dt = torch.mm(dya, lora_B).mul_(s / (1.0 - p))  # dt = s/(1-p) * dy B: (M, R)
-            if need_a:
-                grad_a = triton_lora.lora_grad_a_backward(dt, x2d, seed, p, lora_dtype)  # (R, K)
-            if need_x:
-                grad_x = dy.mm(weight)  # dx = dy W: (M, K), cuBLAS
-                lora_dx_add_(grad_x, dt, lora_A, seed, p)  # dx += (dt A) * mask
-                grad_x = grad_x.view(x_shape)
-        if need_w:
-            grad_w = torch.mm(dy.t(), x2d)  # only for an unfrozen base weight
-        if need_b:
-            grad_b = dy.sum(0)
-    return grad_x, grad_w, grad_b, grad_a, grad_bb
+def _cublas_dx(
+    dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """dx = dy W with cuBLAS, then dx += (dt A) * mask in place: (M, K)."""
+    grad_x = dy.mm(weight)
+    lora_dx_add_(grad_x, dt, lora_A, seed, p)
+    return grad_x
+
+
+# Gradients (dx, dW, db, dA, dB) for what `needs` asks, as the full Triton path computes them (dA by its kernel, dB
+# and dt by cuBLAS, in the adapters' dtype like PEFT) except dx: cuBLAS for dy W plus the masked LoRA add.
+hybrid_backward = functools.partial(triton_lora.lora_linear_backward, dx=_cublas_dx)
 
 
 # ----------------------------------------------------------------------------------------------------------------

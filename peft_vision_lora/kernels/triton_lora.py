@@ -26,7 +26,7 @@ the shape, and a thin `TritonLoraLinearFunction` on top with the signature of `T
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -459,10 +459,11 @@ def lora_linear_backward(
     grad_output: torch.Tensor, x2d: torch.Tensor | None, weight: torch.Tensor | None,
     lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, t: torch.Tensor | None,
     scaling: float, dropout_p: float, seed: torch.Tensor | None, needs: tuple[bool, ...], x_shape: torch.Size,
-    lora_dtype: torch.dtype,
+    lora_dtype: torch.dtype, dx: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """Gradients (dx, dW, db, dA, dB) for what `needs` asks; a frozen W gets no buffer at all. dA, dB and dt are
-    computed in the adapters' dtype (`lora_dtype`), like PEFT's layer."""
+    computed in the adapters' dtype (`lora_dtype`), like PEFT's layer. `dx(dy, W, dt, A, seed, p)` computes
+    `dy W + (dt A) * mask` (default: the fused Triton kernel; the hybrid path passes cuBLAS plus a masked add)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     s, p = scaling, dropout_p
     with _device_guard(grad_output.device):
@@ -476,7 +477,7 @@ def lora_linear_backward(
             if need_a:
                 grad_a = lora_grad_a_backward(dt, x2d, seed, p, lora_dtype)  # (R, K); lora_A is saved only for dx
             if need_x:
-                grad_x = lora_dx_backward(dy, weight, dt, lora_A, seed, p).view(x_shape)  # (M, K) -> x's shape
+                grad_x = (dx or lora_dx_backward)(dy, weight, dt, lora_A, seed, p).view(x_shape)  # (M, K) -> x's shape
         if need_w:
             grad_w = torch.mm(dy.t(), x2d)  # only for an unfrozen base weight
         if need_b:
