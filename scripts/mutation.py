@@ -61,6 +61,9 @@ CORE: dict[str, CoreModule] = {
     "kernels.reference": CoreModule(
         "peft_vision_lora/kernels/reference.py", ("tests/test_kernels.py", "tests/test_layer.py")
     ),
+    "kernels.torch_fused": CoreModule(
+        "peft_vision_lora/kernels/torch_fused.py", ("tests/test_kernels.py", "tests/test_layer.py")
+    ),
     "integrations.loss": CoreModule("peft_vision_lora/integrations/loss.py", ("tests/test_supervised_loss.py",)),
     "data.collator": CoreModule("peft_vision_lora/data/collator.py", ("tests/test_collator.py",)),
 }

@@ -116,6 +116,59 @@ def test_torch_fused_unfrozen_base_gets_plain_gradients():
         torch.testing.assert_close(actual, expected)
 
 
+def test_torch_fused_defaults_are_eval_without_dropout():
+    x, weight, bias, lora_A, lora_B, _ = _operands((6, 20), 12, 4, torch.float32, True)
+    args = (x, weight, bias, lora_A, lora_B, 0.5)
+    expected = lora_linear_naive(*args)
+    torch.testing.assert_close(lora_linear_torch(*args), expected)
+    torch.testing.assert_close(lora_linear_torch(*args, training=True), expected)  # no dropout_p: no dropout
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_torch_function_applied_to_a_3d_input(dropout):
+    """The Function called directly on (B, T, in): y keeps the leading dims, grads match the reference."""
+    operands = _operands((2, 5, 24), 16, 4, torch.float32, True)
+    mask = dropout_mask(13, (10, 24), dropout, DEVICE) if dropout else None
+
+    def function(x, weight, bias, lora_A, lora_B, scaling):
+        return TorchLoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout, 13)
+
+    actual = _run(function, operands)
+    assert actual[0].shape == (2, 5, 16)
+    expected = _run(lora_linear_naive, operands, dropout_p=dropout, training=True, mask=mask)
+    _assert_all_close(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_torch_fused_with_a_frozen_lora_a_still_passes_the_input_gradient(dropout):
+    """Only dx and dB asked for (A frozen): the masked dx is built without dA's buffer."""
+    x, weight, bias, lora_A, lora_B, grad_out = _operands((9, 20), 12, 4, torch.float32, True)
+    lora_A.requires_grad_(False)
+    lora_linear_torch(x, weight, bias, lora_A, lora_B, 0.5, dropout, True, seed=21).backward(grad_out)
+    actual = (x.grad.clone(), lora_B.grad.clone())
+    x.grad = lora_B.grad = None
+    mask = dropout_mask(21, x.shape, dropout, DEVICE) if dropout else None
+    lora_linear_naive(x, weight, bias, lora_A, lora_B, 0.5, dropout, True, mask=mask).backward(grad_out)
+    torch.testing.assert_close(actual, (x.grad, lora_B.grad))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_torch_fused_fp32_adapters_on_an_fp16_base_match_the_reference(dropout):
+    """PEFT's mixed case: the LoRA branch (t, dA, dB, dt) runs in fp32; dx gets the masked LoRA part in fp16."""
+    x, weight, bias, lora_A, lora_B, grad_out = _operands((2, 7, 24), 16, 4, torch.float16, True)
+    lora_A = lora_A.detach().float().requires_grad_(True)
+    lora_B = lora_B.detach().float().requires_grad_(True)
+    actual = _run(
+        lora_linear_torch, (x, weight, bias, lora_A, lora_B, grad_out), dropout_p=dropout, training=True, seed=4
+    )
+    assert actual[0].dtype == actual[1].dtype == torch.float16
+    assert actual[2].dtype == actual[3].dtype == torch.float32
+    mask = dropout_mask(4, (14, 24), dropout, DEVICE) if dropout else None
+    operands = _upcast((x, weight, bias, lora_A, lora_B, grad_out))
+    expected = _run(lora_linear_naive, operands, dropout_p=dropout, training=True, mask=mask)
+    _assert_all_close(actual, expected, torch.float16)
+
+
 def test_torch_fused_saves_no_mask_and_no_output_sized_temporaries():
     x, weight, bias, lora_A, lora_B, _ = _operands((32, 48), 40, 4, torch.float32, True)
     saved = []
@@ -213,6 +266,45 @@ def test_dropout_mask_is_seeded_and_keeps_one_minus_p(make_mask, shape, p):
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     keep = mask.mean().item()
     assert abs(keep - (1 - p)) < 4 * ((p * (1 - p)) / mask.numel()) ** 0.5 + 1e-4, keep
+
+
+def _peft_lora_linear(weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """PEFT's own LoRA Linear holding these weights: what the reference claims to compute."""
+    from peft import LoraConfig, get_peft_model
+
+    out_features, in_features = weight.shape
+    rank = lora_A.shape[0]
+    base = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias is not None))
+    config = LoraConfig(r=rank, lora_alpha=scaling * rank, lora_dropout=dropout_p, target_modules=["0"])
+    model = get_peft_model(base, config)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        if bias is not None:
+            layer.base_layer.bias.copy_(bias)
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    assert layer.scaling["default"] == scaling
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_is_peft_lora_linear_in_train_and_eval(bias):
+    """The spec itself: defaults mean no dropout; eval ignores dropout_p; train draws torch's dropout as PEFT does."""
+    x, weight, b, lora_A, lora_B, _ = _operands((2, 6, 24), 20, 4, torch.float32, bias)
+    layer = _peft_lora_linear(weight, b, lora_A.detach(), lora_B.detach(), 0.5, 0.4)
+    args = (x, weight, b, lora_A, lora_B, 0.5)
+    with torch.no_grad():
+        expected_eval = layer.eval()(x)
+        torch.testing.assert_close(lora_linear_naive(*args), expected_eval)  # defaults: eval, no dropout
+        torch.testing.assert_close(lora_linear_naive(*args, training=True), expected_eval)  # no dropout_p: none
+        torch.testing.assert_close(lora_linear_naive(*args, 0.4, False), expected_eval)  # eval ignores dropout_p
+        torch.manual_seed(11)
+        expected_train = layer.train()(x)
+        torch.manual_seed(11)
+        actual_train = lora_linear_naive(*args, 0.4, True)  # no mask given: torch's own dropout draw
+    assert not torch.allclose(expected_train, expected_eval)
+    torch.testing.assert_close(actual_train, expected_train)
 
 
 @pytest.mark.parametrize("fused", [lora_linear_torch] + ([triton_lora.lora_linear_triton] if _TRITON_RUNS else []))

@@ -44,12 +44,14 @@ class TorchLoraLinearFunction(torch.autograd.Function):
         seed: torch.Tensor | int | None,
     ) -> torch.Tensor:
         out_features, in_features = weight.shape
-        seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # an int seed too, when called directly
+        # an int seed too, when called directly; on CPU the device argument is moot (GPU tests catch its loss)
+        seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None  # pragma: no mutate
         x2d = x.reshape(-1, in_features)  # (N, in)
         y = F.linear(x2d, weight, bias)  # (N, out)
-        xa = x2d if lora_A.dtype == x2d.dtype else x2d.to(lora_A.dtype)  # (N, in) in the adapters' dtype
+        xa = x2d.to(lora_A.dtype)  # (N, in) in the adapters' dtype (x2d itself when they agree)
         if dropout_p > 0.0:
-            dropped = dropout_mask(seed, xa.shape, dropout_p, xa.device, xa.dtype).mul_(xa)  # (N, in): x * mask
+            dropped = dropout_mask(seed, xa.shape, dropout_p, xa.device, xa.dtype)  # pragma: no mutate (as above)
+            dropped.mul_(xa)  # (N, in): x * mask
             t = dropped.mm(lora_A.t())  # (N, r)
             del dropped
             t.mul_(1.0 / (1.0 - dropout_p))  # t = dropout(x) A^T: the 1/(1-p) goes on the small side
@@ -76,7 +78,7 @@ def _torch_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor |
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     s, p, lora_dtype = ctx.scaling, ctx.dropout_p, ctx.lora_dtype
     dy = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
-    dya = dy if lora_dtype == dy.dtype else dy.to(lora_dtype)  # (N, out) in the adapters' dtype
+    dya = dy.to(lora_dtype)  # (N, out) in the adapters' dtype (dy itself when they agree)
     grad_x = grad_w = grad_b = grad_a = grad_bb = None
 
     if need_bb:
@@ -86,11 +88,13 @@ def _torch_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor |
         dt = dya.mm(lora_B)  # (N, r)
         dt.mul_(s / (1.0 - p))  # dt = s * dy B, with dropout's 1/(1-p) folded in (p = 0 without dropout)
         # the forward's keep-mask, regenerated from the seed: (N, in)
-        mask = dropout_mask(seed, (dy.shape[0], ctx.in_features), p, dy.device, lora_dtype) if p > 0.0 else None
+        mask = None
+        if p > 0.0:  # device: as in forward
+            mask = dropout_mask(seed, (dy.shape[0], ctx.in_features), p, dy.device, lora_dtype)  # pragma: no mutate
         dropped = None
         if need_a:
             # dA = dt^T dropout(x): (r, in)
-            xa = x2d if lora_dtype == x2d.dtype else x2d.to(lora_dtype)
+            xa = x2d.to(lora_dtype)
             dropped = xa * mask if mask is not None else xa
             grad_a = dt.t().mm(dropped)
         if need_x:
@@ -99,8 +103,10 @@ def _torch_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor |
                 lora_dx = dt.mm(lora_A)
                 grad_x.add_((lora_dx.mul_(mask) if mask is not None else lora_dx).to(grad_x.dtype))
             elif mask is not None:
-                # reuse dA's (N, in) buffer when there is one
-                lora_dx = torch.mm(dt, lora_A, out=dropped) if dropped is not None else dt.mm(lora_A)
+                if dropped is None:  # pragma: no mutate (the other branch gives the same numbers)
+                    lora_dx = dt.mm(lora_A)  # (N, in)
+                else:  # reuse dA's (N, in) buffer: one allocation less, same numbers
+                    lora_dx = torch.mm(dt, lora_A, out=dropped)  # pragma: no mutate
                 grad_x.addcmul_(lora_dx, mask)  # dx += (dt A) * mask
             else:
                 grad_x.addmm_(dt, lora_A)  # dx += dt A
