@@ -216,3 +216,8 @@ def expected_kind(name: str) -> str | None:
     if ancestors and ancestors[-1].isdigit() and leaf in _MLP_LEAVES:
         return "mlp"
     return None
+
+
+def expected_targets(model: nn.Module, model_type: str, components) -> dict[str, str]:
+    """{linear name: its component} over `components`: the union of their `expected_linears` (disjoint sets)."""
+    return {name: component for component in components for name in expected_linears(model, model_type, component)}
