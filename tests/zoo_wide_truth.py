@@ -6,6 +6,10 @@ here calls the package's resolver. Prefixes are module paths of the top-level mo
 (a layer index). A linear belongs to the component of its longest matching prefix; ``excluded`` prefixes belong to
 no component (never targeted); linears under no prefix (output heads, PI0's action projections) are never targeted.
 
+The ten types the resolver corrects by hand (``OVERRIDES`` in ``resolve/components.py``) have their truth written from
+the modelling source, not from that table: the comment above each names the file, class and methods read, and
+``test_override_truth.py`` runs each model's own image path to check which linears feed the image features.
+
 Decisions a reader may not expect, all read from the forward code:
 - Mergers inside the vision module are projector (Qwen2/2.5/3-VL ``visual.merger``, Qwen3-VL ``deepstack_merger_list``,
   Qwen3-Omni ``merger_list``, MiniCPM ``vit_merger``, HunYuan ``patch_merger``, Llama 4 ``vision_adapter``, Ovis 2's
@@ -17,15 +21,15 @@ Decisions a reader may not expect, all read from the forward code:
   BLIP's BERT ``crossattention``, and decoder cross-attention of encoder-decoder VLMs (Florence-2, PP-FormulaNet,
   Pix2Struct, UDOP, VisionEncoderDecoder) whose encoder output carries the image. T5Gemma 2 and DiffusionGemma merge
   cross-attention into self-attention: no separate block.
-- VQ image tokenizers (Chameleon, Emu3, Janus' generation path, Apertus 1.5's ``vision_tokenizer``, whose codebook is
-  an argmax over a linear) are excluded: quantisation passes no gradient.
+- VQ tokenizers (Chameleon, Emu3, Janus' generation path, Apertus 1.5's ``vision_tokenizer``, whose codebook is an
+  argmax over a linear, and its WavTokenizer ``audio_tokenizer``) are excluded: quantisation passes no gradient.
   Janus' generation aligner/head predict image tokens: excluded. PI0's action expert (``dit``) is excluded.
 - No vision tower at all: Fuyu and Gemma 4 unified (a linear patch embedding), UDOP (patches enter the shared T5
   encoder), Chameleon, Emu3 and Apertus 1.5 (VQ tokens), Mistral 4 (a text-only class in the mapping).
 - Evolla is protein-text: its protein encoder takes the vision role.
 - Audio: Qwen2.5-Omni / Qwen3-Omni / Dots3 / Muse Spark / Inkling audio towers and Gemma 4's ``embed_audio``.
-  Apertus 1.5's ``audio_tokenizer`` (a WavTokenizer encoder built from ``audio_config``) is audio, but it is
-  convolutions and an LSTM: no linear, so audio-only has nothing to adapt.
+- Pooling heads whose output the model never reads run but reach nothing: excluded (VisionEncoderDecoder's ViT
+  ``encoder.pooler``, DeepSeek-VL hybrid's SigLIP ``vision_model.head``).
 - Projectors without a linear: Gemma 3 (a bare weight matrix), HY-V4-VL's ``vision_tower.patch_merger`` (two
   convolutions to the text width, then an ``image_newline`` parameter).
 - DeepSeek-style sparse-attention indexers (GLM-5 Next, Dots3, HY-V4-VL ``self_attn.indexer``) count as language
@@ -69,11 +73,15 @@ _MINICPM = _t(["model.vision_tower"], ["model.vision_tower.vit_merger", "model.m
 _MUSE = dict(vision=["model.vision_tower"], projector=["model.vision_adapter", "model.vision_projection"])
 
 TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
-    # apertus1p5/modeling_apertus1p5.py Apertus1p5Model.__init__: language_model, vision_tokenizer (a VQ tokenizer
-    # built from vision_config, fp32; its codes are argmax indices), audio_tokenizer.
-    "apertus1p5": _t(
-        language=["model.language_model"], audio=["model.audio_tokenizer"], excluded=["model.vision_tokenizer"]
-    ),
+    # apertus1p5/modeling_apertus1p5.py Apertus1p5Model:
+    # - vision_tokenizer excluded: Apertus1p5Model.get_image_features -> get_image_tokens -> vision_tokenizer.encode,
+    #   whose Apertus1p5VisionTokenizerVectorQuantizer.forward returns `logits.argmax(-1)` (its `quantize.embedding`
+    #   linear scores the codebook); the codes are then looked up in language_model.embed_tokens. No gradient.
+    # - audio_tokenizer excluded, for the same reason: get_audio_features -> get_audio_tokens -> audio_tokenizer.encode
+    #   (WavTokenizerEncoderModel.encode, models/wavtokenizer/modeling_wavtokenizer.py) returns
+    #   WavTokenizerEuclideanCodebook.quantize's `dist.max(-1).indices`, embedded with the text table again.
+    # - language_model: Apertus1p5TextModel, fed the merged embeddings in Apertus1p5Model.forward.
+    "apertus1p5": _t(language=["model.language_model"], excluded=["model.vision_tokenizer", "model.audio_tokenizer"]),
     "aria": _llava(),
     "aya_vision": _llava(),
     "blip": _t(["vision_model"], [], ["text_decoder"], ["text_decoder.bert.encoder.layer.*.crossattention"]),
@@ -85,8 +93,14 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "cosmos3_omni": _QWEN3_VL,
     "deepseek_ocr2": _llava(),
     "deepseek_vl": _llava("model.vision_model", "model.aligner"),
-    # deepseek_vl_hybrid/modeling_deepseek_vl_hybrid.py DeepseekVLHybridModel.__init__: high_res_vision_model,
-    # high_res_vision_neck, high_res_vision_proj (SAM path), vision_model, aligner, language_model.
+    # deepseek_vl_hybrid/modeling_deepseek_vl_hybrid.py DeepseekVLHybridModel.get_image_features:
+    # - vision: get_low_res_image_features = vision_model(...).last_hidden_state (SigLIP); get_high_res_image_features
+    #   = high_res_vision_model (SAM) -> high_res_vision_proj, plus hidden_states[global_attn_index + 1] ->
+    #   high_res_vision_neck -> high_res_vision_proj (convolutions, scaled by high_res_vision_alpha).
+    # - projector: aligner(low, high) (DeepseekVLHybridAligner: vision_proj, high_res_vision_proj, proj to text width).
+    # - language: language_model, fed the scattered features in DeepseekVLHybridModel.forward.
+    # - excluded: vision_model.head, SigLIP's attention-pooling head: it computes pooler_output, which
+    #   get_low_res_image_features never reads (only last_hidden_state): it runs but reaches nothing.
     "deepseek_vl_hybrid": _t(
         [
             "model.vision_model",
@@ -96,9 +110,16 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         ],
         ["model.aligner"],
         ["model.language_model"],
+        excluded=["model.vision_model.head"],
     ),
-    # diffusion_gemma/modeling_diffusion_gemma.py DiffusionGemmaModel.__init__: encoder (DiffusionGemmaEncoderModel:
-    # language_model, vision_tower, embed_vision); decoder = DiffusionGemmaDecoderModel(config), a second text stack.
+    # diffusion_gemma/modeling_diffusion_gemma.py DiffusionGemmaModel (encoder, decoder):
+    # - vision: DiffusionGemmaEncoderModel.get_image_features: vision_tower(...).last_hidden_state -> embed_vision.
+    # - projector: encoder.embed_vision (DiffusionGemmaMultimodalEmbedder: norm, embedding_projection to text width).
+    # - language: encoder.language_model (DiffusionGemmaEncoderTextModel, fills the KV cache) and decoder
+    #   (DiffusionGemmaDecoderModel: its layers, tied to the encoder's, read that cache; self_conditioning is a gated
+    #   MLP on the decoder input). DiffusionGemmaModel.forward: only the encoder's cache reaches the decoder, so the
+    #   encoder's last layer's q_proj/o_proj/MLP feed only encoder_last_hidden_state, which nothing reads (shown in
+    #   test_override_truth; a dead-adapter rule of its own, not a component question: they stay language here).
     "diffusion_gemma": _t(
         ["model.encoder.vision_tower"],
         ["model.encoder.embed_vision"],
@@ -109,8 +130,12 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     ),
     "emu3": _t(language=["model.text_model"], excluded=["model.vqmodel"]),
     "ernie4_5_vl_moe": _llava(projector="model.resampler_model"),
-    # evolla/modeling_evolla.py EvollaModel.__init__: protein_encoder (EvollaProteinEncoder: model,
-    # sequence_compressor_resampler); decoder layers sit on EvollaModel itself; their `adapter` reads protein states.
+    # evolla/modeling_evolla.py (protein-text: the protein encoder takes the vision role):
+    # - vision: EvollaProteinEncoder.forward: model (EvollaSaProtProteinEncoder).last_hidden_state, then
+    # - projector: sequence_compressor_resampler (latent resampler, then protein_projector to the text width).
+    # - language: EvollaModel itself holds embed_tokens, layers, norm (no text sub-model): the backbone `model`.
+    # - cross_attention: EvollaDecoderLayer.adapter (EvollaSequenceAlignerCrossAttention) reads protein_kv_states
+    #   after each selected layer's MLP; its `ff` is gated by gate_ffw and exists only for that block.
     "evolla": _t(
         ["model.protein_encoder.model"],
         ["model.protein_encoder.sequence_compressor_resampler"],
@@ -133,8 +158,9 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         audio=["model.audio_tower", "model.embed_audio"],
     ),
     "gemma4_unified": _t([], ["model.embed_vision"], ["model.language_model"], audio=["model.embed_audio"]),
-    # git/modeling_git.py GitModel.__init__: image_encoder (GitVisionModel), encoder (GitEncoder, the text stack),
-    # visual_projection (GitProjection).
+    # git/modeling_git.py GitModel.forward: image_encoder (GitVisionModel).last_hidden_state -> visual_projection
+    # (GitProjection: Linear + LayerNorm to the text width) -> concatenated before the text embeddings -> encoder
+    # (GitEncoder, the causal BERT-style text stack). The top config is the text config; `output` is the LM head.
     "git": _t(["git.image_encoder"], ["git.visual_projection"], ["git.encoder"]),
     "glm46v": _qwen(),
     "glm4v": _qwen(),
@@ -154,8 +180,11 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "hyperclovax_vision_v2": _t(
         ["model.vision_model"], ["model.vision_model.merger", "model.projector"], ["model.language_model"]
     ),
-    # idefics/modeling_idefics.py IdeficsModel.__init__: vision_model, perceiver_resampler (no config attribute of
-    # its own), gated_cross_attn_layers; the decoder layers sit on IdeficsModel itself.
+    # idefics/modeling_idefics.py IdeficsModel.forward: vision_model (IdeficsVisionTransformer).last_hidden_state ->
+    # perceiver_resampler (use_resampler, as the checkpoints set it; built without a config attribute) ->
+    # image_hidden_states, read as keys/values by gated_cross_attn_layers[idx // cross_layer_interval], each run
+    # before decoder layer idx (cross_attn then mlp, both tanh-gated: the block exists only to read the image). The
+    # decoder layers, embed_tokens and norm sit on IdeficsModel itself (the top config is the text config).
     "idefics": _t(["model.vision_model"], ["model.perceiver_resampler"], ["model"], ["model.gated_cross_attn_layers"]),
     "idefics2": _t(["model.vision_model"], ["model.connector"], ["model.text_model"]),
     "idefics3": _t(["model.vision_model"], ["model.connector"], ["model.text_model"]),
@@ -166,8 +195,12 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "instructblip": _BLIP2,
     "instructblipvideo": _BLIP2,
     "internvl": _llava(),
-    # janus/modeling_janus.py JanusModel.__init__: vision_model, aligner (understanding path), vqmodel,
-    # generation_embeddings, generation_aligner, generation_head (image generation), language_model.
+    # janus/modeling_janus.py JanusModel:
+    # - vision -> projector: get_image_features = vision_model(...).last_hidden_state -> aligner
+    #   (JanusVisionAlignerMLP, to the text width); JanusModel.forward scatters it into language_model's input.
+    # - excluded, the image-generation path, which JanusForConditionalGeneration.forward never runs: vqmodel
+    #   (JanusVQVAE: argmin codes, decode only in decode_image_tokens), generation_aligner (only in
+    #   prepare_embeddings_for_image_generation) and generation_head (only in generate, under torch.no_grad).
     "janus": _t(
         ["model.vision_model"],
         ["model.aligner"],
@@ -202,11 +235,17 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
     "muse_glimmer": _t(**_MUSE, language=["model.language_model"]),
     "muse_spark": _t(**_MUSE, language=["model.language_model"], audio=["model.audio_tower"]),
     "nemotron_h_omni": _t(["vision_model"], ["multi_modal_projector"], ["language_model"]),
-    # ovis2/modeling_ovis2.py Ovis2VisionModel.__init__: head_linear + head_norm map vision features onto the
-    # visual vocabulary (Ovis2Model.__init__: vision_tower, language_model).
+    # ovis2/modeling_ovis2.py Ovis2Model.get_image_features:
+    # - vision: vision_tower.transformer (Ovis2VisionTransformer) -> last_hidden_state.
+    # - projector: Ovis2VisionModel.forward: head_linear -> head_norm (logits over the visual vocabulary) -> softmax
+    #   (default tokenize_function; the argmax variants are straight-through, so gradient passes) -> then
+    #   Ovis2Model.visual_embeddings_table (Ovis2VisualEmbeddingTable: probabilities @ weight, to the text width).
+    #   Head and table are together the map onto the text space; the table is an embedding, no linear, but
+    #   finetune_projector='full' must train it.
+    # - language: language_model.
     "ovis2": _t(
         ["model.vision_tower"],
-        ["model.vision_tower.head_linear", "model.vision_tower.head_norm"],
+        ["model.vision_tower.head_linear", "model.vision_tower.head_norm", "model.visual_embeddings_table"],
         ["model.language_model"],
     ),
     "paddleocr_vl": _t(["model.visual"], ["model.projector"], ["model.language_model"]),
@@ -243,8 +282,10 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         ["model.encoder.multi_modal_projector"],
         ["model.encoder.text_model", "model.decoder"],
     ),
-    # udop/modeling_udop.py UdopForConditionalGeneration.__init__: encoder and decoder UdopStacks; no vision module
-    # (patches enter the encoder through its patch embedding).
+    # udop/modeling_udop.py UdopStack.forward: pixel_values -> embed_patches (UdopPatchEmbeddings, a Conv2d) ->
+    # combine_image_text_embeddings: the patches join the text tokens at the input of the encoder UdopStack, so
+    # there is no vision tower and no projector (no linear runs before encoder.block.0). Encoder and decoder are T5
+    # stacks; the decoder's EncDecAttention (UdopLayerCrossAttention) reads the encoder output.
     "udop": _t([], [], ["encoder", "decoder"], ["decoder.block.*.layer.1.EncDecAttention"]),
     "unlimited_ocr": _llava(),
     "video_llama_3": _llava("model.vision_model", "model.projector"),
@@ -252,9 +293,15 @@ TRUTH: dict[str, dict[str, tuple[str, ...]]] = {
         ["model.image_tower", "model.video_tower"], ["model.multi_modal_projector"], ["model.language_model"]
     ),
     "vipllava": _llava(),
-    # vision_encoder_decoder/modeling_vision_encoder_decoder.py VisionEncoderDecoderModel.__init__: encoder (a vision
-    # model), decoder (a causal LM; its BERT crossattention reads the encoder output).
-    "vision-encoder-decoder": _t(["encoder"], [], ["decoder"], ["decoder.bert.encoder.layer.*.crossattention"]),
+    # vision_encoder_decoder/modeling_vision_encoder_decoder.py VisionEncoderDecoderModel.forward: encoder (a vision
+    # model, ViT here) -> encoder_outputs[0], its last_hidden_state -> [enc_to_dec_proj, only built when the widths
+    # differ and the decoder has no cross_attention_hidden_size: the projector; absent in the tiny model] ->
+    # decoder's encoder_hidden_states, read by BERT's crossattention. The encoder's pooler (ViTPooler) computes
+    # pooler_output, which the decoder never reads: excluded. decoder.cls.predictions.transform is the LM head's
+    # transform, part of the decoder; its `decoder` linear is the output head.
+    "vision-encoder-decoder": _t(
+        ["encoder"], [], ["decoder"], ["decoder.bert.encoder.layer.*.crossattention"], excluded=["encoder.pooler"]
+    ),
 }
 
 # Types that cannot be built in this environment, and the words their build error must contain.

@@ -62,8 +62,10 @@ _MODALITY_EMBEDDER = re.compile(r"^embed_(vision|audio|image|video)$")
 
 # Per-model_type corrections, applied after structural resolution: component -> module paths, plus EXCLUDED paths.
 OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
-    # An encoder (any vision model config) and a decoder (any text model): sub-config keys name neither.
-    "vision-encoder-decoder": {"vision": ("encoder",), "language": ("decoder",)},
+    # An encoder (any vision model config) and a decoder (any text model): sub-config keys name neither. The decoder
+    # reads the encoder's last_hidden_state only: its pooler (ViT's) runs but reaches nothing. enc_to_dec_proj, built
+    # when the widths differ, is found as the projector by structure.
+    "vision-encoder-decoder": {"vision": ("encoder",), "language": ("decoder",), EXCLUDED: ("encoder.pooler",)},
     # UDOP has no vision tower: image patches enter the shared T5 encoder through a patch embedding.
     "udop": {"language": ("encoder", "decoder")},
     # GIT: the top config is the text config; the BERT-style stack is git.encoder.
@@ -73,7 +75,8 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
         "projector": ("model.aligner",),
         EXCLUDED: ("model.vqmodel", "model.generation_aligner", "model.generation_head"),
     },
-    # DeepSeek-VL hybrid: the SAM neck and downsampling convs belong to the high-resolution vision encoder.
+    # DeepSeek-VL hybrid: the SAM neck and downsampling convs belong to the high-resolution vision encoder. The
+    # low-resolution path reads SigLIP's last_hidden_state only: its attention-pooling head runs but reaches nothing.
     "deepseek_vl_hybrid": {
         "vision": (
             "model.vision_model",
@@ -82,16 +85,26 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
             "model.high_res_vision_proj",
         ),
         "projector": ("model.aligner",),
+        EXCLUDED: ("model.vision_model.head",),
     },
     # Apertus 1.5: the vision sub-config builds a VQ image tokenizer (argmax codes, then the text embedding table):
-    # no gradient reaches it, so there is no vision tower to adapt.
-    "apertus1p5": {"vision": (), EXCLUDED: ("model.vision_tokenizer",)},
+    # no gradient reaches it, so there is no vision tower to adapt. The audio sub-config builds a WavTokenizer
+    # encoder, quantised the same way (nearest-codebook indices): no audio tower either.
+    "apertus1p5": {"vision": (), "audio": (), EXCLUDED: ("model.vision_tokenizer", "model.audio_tokenizer")},
     # Idefics: the top config is the text config; the perceiver resampler is built without a config attribute.
     "idefics": {"projector": ("model.perceiver_resampler",)},
     # DiffusionGemma: the block-diffusion decoder is a second text stack, built from the top config.
     "diffusion_gemma": {"language": ("model.encoder.language_model", "model.decoder")},
-    # Ovis 2: the visual head maps vision features onto the visual vocabulary (then an embedding table).
-    "ovis2": {"projector": ("model.vision_tower.head_linear", "model.vision_tower.head_norm")},
+    # Ovis 2: the visual head maps vision features onto the visual vocabulary, whose probabilities the visual
+    # embedding table turns into text-width embeddings: together they are the projector (the table is no linear,
+    # but finetune_projector='full' trains it).
+    "ovis2": {
+        "projector": (
+            "model.vision_tower.head_linear",
+            "model.vision_tower.head_norm",
+            "model.visual_embeddings_table",
+        )
+    },
     # Evolla is a protein-text model: its protein encoder takes the vision role, the resampler the projector's.
     "evolla": {
         "vision": ("model.protein_encoder.model",),
