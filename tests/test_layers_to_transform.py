@@ -5,6 +5,7 @@ import torch
 from helpers import FAST_MODEL_TYPES, fresh_model, inputs_for, shared_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from zoo_truth import expected_linears
 
 from peft_vision_lora import (
     VisionLoraConfig,
@@ -139,3 +140,52 @@ def test_layer_filter_survives_save_and_reload(tmp_path):
     assert _adapted(loaded) == _adapted(model)
     assert loaded.peft_config["default"].layers_to_transform == [0]
     torch.testing.assert_close(loaded(**batch).logits, expected)
+
+
+def _truth_targets(model, model_type) -> set[str]:
+    components = ("vision", "language", "cross_attention")
+    return set().union(*(expected_linears(model, model_type, c) for c in components))
+
+
+@pytest.mark.parametrize("model_type, pattern", [("mllama", "layers"), ("qwen2_vl", "blocks"), ("llava", "layers")])
+def test_layers_pattern_wraps_what_peft_wraps_for_the_same_modules(model_type, pattern):
+    """PEFT's own filter, given the hand truth's linears by full name, is the oracle; Mllama's cross-attention block
+    (``language_model.layers.1.cross_attn``) counts in the language stack."""
+    truth = _truth_targets(shared_model(model_type), model_type)
+    options = dict(r=4, layers_to_transform=[1], layers_pattern=pattern)
+    ours = get_peft_model(fresh_model(model_type), VisionLoraConfig(**options))
+    reference = get_peft_model(fresh_model(model_type), LoraConfig(target_modules=sorted(truth), **options))
+    assert _adapted(reference), "PEFT's filter kept nothing: the test proves nothing"
+    assert _adapted(ours) == _adapted(reference)
+    if model_type == "mllama":
+        assert any(".cross_attn." in name for name in _adapted(ours))
+
+
+def test_negative_index_is_checked_against_each_stack_length():
+    """Mllama has stacks of 2, 1 and 2 layers: -2 is the first layer of the two-layer stacks; 2 is in none."""
+    model = shared_model("mllama")
+    kept = _planned(model, layers_to_transform=[-2])
+    stacks = {"model.vision_model.transformer.layers", "model.language_model.layers"}
+    truth = _truth_targets(model, "mllama")
+    assert kept == {n for n in truth if any(n.startswith(f"{s}.0.") for s in stacks)}
+    lengths = "{'model.vision_model.transformer.layers': 2, 'model.vision_model.global_transformer.layers': 1, "
+    with pytest.raises(VisionLoraConfigError) as error:
+        _planned(model, layers_to_transform=[2])
+    assert "layers [2]" in str(error.value) and lengths in str(error.value)
+    assert "'model.language_model.layers': 2}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "options, where",
+    [
+        ({"layers_pattern": "blocks"}, "sits in a module list named ['blocks']"),
+        ({"component_layers": {"vision": [0], "language": [0]}}, "sits in a numbered stack of layers"),
+    ],
+)
+def test_a_filter_that_reaches_no_stack_says_what_to_do(options, where):
+    with pytest.raises(VisionLoraConfigError) as error:
+        _planned(shared_model("llava"), layers_to_transform=[0], **options)
+    message = str(error.value)
+    assert where in message
+    assert "Check `layers_pattern` (e.g. 'layers', 'blocks'), or pick layers per component with " in message
+    assert "`component_layers={'vision': [...], 'language': [...]}`." in message

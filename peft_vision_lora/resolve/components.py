@@ -15,6 +15,7 @@ name-based fallback cover the models that break the rules.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -349,13 +350,18 @@ def resolve_components(model: nn.Module) -> ComponentMap:
 
 
 def layer_slot(
-    components: ComponentMap, modules: dict[str, nn.Module], component: str, name: str
+    components: ComponentMap,
+    modules: dict[str, nn.Module],
+    component: str,
+    name: str,
+    patterns: Collection[str] = (),
 ) -> tuple[str, int, int] | None:
     """(stack, layer index, stack length) of module ``name``: the first numbered element below its component's root.
 
     Cross-attention blocks are counted in the language model's stacks (Mllama's ``layers.3.cross_attn`` is layer
     3). A component with several stacks (Mllama's local and global vision encoders, an encoder-decoder's two
-    stacks) has one slot per stack. None for modules outside every numbered stack (a pooling head).
+    stacks) has one slot per stack. With ``patterns`` (PEFT's ``layers_pattern``), only a numbered element whose
+    parent is named in ``patterns`` counts. None for modules outside every numbered stack (a pooling head).
     """
     roots = components["language"] if component == "cross_attention" else ()
     roots = [r for r in roots if name.startswith(r + ".")] or [
@@ -364,10 +370,11 @@ def layer_slot(
     root = max(roots, key=len, default=None)
     if root is None:
         return None
-    rest = name[len(root) + 1 :].split(".")
-    for position, part in enumerate(rest):
-        if part.isdigit():
-            stack = ".".join([root, *rest[:position]])
+    parts = name.split(".")
+    for position in range(root.count(".") + 1, len(parts)):
+        part = parts[position]
+        if part.isdigit() and (not patterns or parts[position - 1] in patterns):
+            stack = ".".join(parts[:position])
             container = modules.get(stack)
             length = len(container) if isinstance(container, (nn.ModuleList, nn.Sequential)) else int(part) + 1
             return stack, int(part), length

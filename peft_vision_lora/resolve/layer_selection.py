@@ -40,24 +40,6 @@ class _Placed(Protocol):
 T = TypeVar("T", bound=_Placed)
 
 
-def _patterned_slot(
-    components: ComponentMap, modules: dict[str, nn.Module], component: str, name: str, patterns: list[str]
-) -> tuple[str, int, int] | None:
-    """(stack, index, length) for the first ``<pattern>.<N>`` segment of ``name``; None when there is none."""
-    roots = components["language"] if component == "cross_attention" else components[component]
-    root = max((r for r in roots if name.startswith(r + ".")), key=len, default="")
-    parts = name.split(".")
-    start = len(root.split(".")) if root else 0
-    for position in range(max(start, 1), len(parts)):
-        if parts[position].isdigit() and parts[position - 1] in patterns:
-            stack = ".".join(parts[:position])
-            container = modules.get(stack)
-            index = int(parts[position])
-            length = len(container) if isinstance(container, (nn.ModuleList, nn.Sequential)) else index + 1
-            return stack, index, length
-    return None
-
-
 def keep_layers_to_transform(
     config: _LayerRequest, components: ComponentMap, modules: dict[str, nn.Module], targets: list[T]
 ) -> list[T]:
@@ -73,10 +55,7 @@ def keep_layers_to_transform(
     filtered = [t for t in targets if t.component in LAYERED_COMPONENTS and t.component not in config.component_layers]
     slots = {}
     for target in filtered:
-        if patterns:
-            slots[target.name] = _patterned_slot(components, modules, target.component, target.name, patterns)
-        else:
-            slots[target.name] = layer_slot(components, modules, target.component, target.name)
+        slots[target.name] = layer_slot(components, modules, target.component, target.name, patterns)
     stacks = {slot[0]: slot[2] for slot in slots.values() if slot is not None}
     if not stacks:
         where = f"module list named {patterns}" if patterns else "numbered stack of layers"
