@@ -62,8 +62,7 @@ def is_candidate_linear(module: nn.Module) -> bool:
 
 def is_inert_linear(modules: dict[str, nn.Module], name: str) -> bool:
     """``nn.MultiheadAttention`` reads its ``out_proj`` as a bare weight: a LoRA wrapper there would never run."""
-    parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
-    return isinstance(parent, nn.MultiheadAttention)
+    return isinstance(modules.get(name.rpartition(".")[0]), nn.MultiheadAttention)  # "" (the root) for a top name
 
 
 _ATTENTION_NAME = re.compile(r"(attn|attention)", re.IGNORECASE)
@@ -94,7 +93,7 @@ def module_kind(modules: dict[str, nn.Module], name: str) -> str:
         module = modules.get(".".join(parts[:depth]))
         if isinstance(module, PreTrainedModel):
             break  # a tower's or the model's own class name (Qwen3OmniMoe...) says nothing about this block
-        labels.append((parts[depth - 1], type(module).__name__ if module is not None else ""))
+        labels.append((parts[depth - 1], type(module).__name__))  # "NoneType" if absent: matches no class
     if any(_NEITHER_NAME.search(a) for a, _ in labels):
         return OTHER
     if any(_ATTENTION_NAME.search(a) for a, _ in labels):
@@ -120,24 +119,30 @@ def is_router(modules: dict[str, nn.Module], name: str) -> bool:
     for depth in range(len(parts), 0, -1):
         part = parts[depth - 1]
         if part.isdigit():
-            break
+            return False  # up to the numbered layer (an expert's own linears sit below ``experts.<i>``)
         if "router" in part:
             return True
-        block = ".".join(parts[: depth - 1])
-        if (part == "gate" or part.endswith("_gate")) and f"{block}.experts" in modules:
+        experts = ".".join([*parts[: depth - 1], "experts"])  # beside this part; just "experts" at the root
+        if (part == "gate" or part.endswith("_gate")) and experts in modules:
             return True
     return False
 
 
+# PEFT's LoRA layers over other quantized bases, by the module PEFT defines each in (``peft/tuners/lora/<backend>.py``;
+# its dispatchers choose them by the base layer's quantized type). The other modules there hold layers over
+# unquantized bases: ``layer`` (Linear, Embedding, Conv, ...), ``tp_layer`` (Megatron), ``te`` (TransformerEngine).
+PEFT_QUANTIZED_LORA_MODULES: dict[str, str] = {
+    f"peft.tuners.lora.{backend}": f"peft-{backend}"
+    for backend in ("aqlm", "awq", "eetq", "gptq", "hqq", "inc", "torchao")
+}
+
+
 def quantized_layer_path(module: nn.Module) -> str | None:
-    """Forward path of a PEFT LoRA layer over a quantized base, for ``explain`` and the merge warning: "peft-bnb4",
-    "peft-bnb8", "peft-hqq", ...; None for a layer over an unquantized base."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    """Forward path of a PEFT LoRA layer (a ``LoraLayer``) over a quantized base, for ``explain`` and the merge
+    warning: "peft-bnb4", "peft-bnb8", "peft-gptq", "peft-hqq", ...; None for a layer over an unquantized base."""
+    base = module.get_base_layer()
     if is_bnb_class(base, "Linear4bit"):
         return "peft-bnb4"
     if is_bnb_class(base, "Linear8bitLt"):
         return "peft-bnb8"
-    backend = type(module).__module__.rsplit(".", 1)[-1]
-    if type(module).__module__.startswith("peft.tuners.lora.") and backend not in ("layer", "model"):
-        return f"peft-{backend}"  # PEFT's hqq/gptq/awq/torchao/eetq LoRA layers
-    return None
+    return PEFT_QUANTIZED_LORA_MODULES.get(type(module).__module__)
