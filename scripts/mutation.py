@@ -46,7 +46,13 @@ CORE: dict[str, CoreModule] = {
     ),
     "resolve.targets": CoreModule(
         "peft_vision_lora/resolve/targets.py",
-        ("tests/test_selection.py", "tests/test_compiled_targets.py", "tests/test_layer_ranges.py"),
+        (
+            "tests/test_selection.py",
+            "tests/test_compiled_targets.py",
+            "tests/test_layer_ranges.py",
+            "tests/test_target_compilation.py",
+            "tests/test_layers_to_transform.py",
+        ),
     ),
     "resolve.layer_selection": CoreModule(
         "peft_vision_lora/resolve/layer_selection.py",

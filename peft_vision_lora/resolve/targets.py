@@ -99,7 +99,7 @@ class TargetPlan:
 
 
 def candidate_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Linears (or existing LoRA layers over linears) that may be adapted, by full name.
+    """Linears that may be adapted, by full name; under an existing LoRA layer, the linear it wraps (its base layer).
 
     Internals of existing adapter layers (``base_layer``, ``lora_A.*``) and of ``ModulesToSaveWrapper`` are skipped,
     so a second adapter lands on the same modules as the first.
@@ -112,19 +112,24 @@ def candidate_linears(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
             skip_prefixes.append(name + ".")
             if isinstance(module, BaseTunerLayer) and is_candidate_linear(module.get_base_layer()):
-                found[name] = module
+                found[name] = module.get_base_layer()
             continue
         if is_candidate_linear(module):
             found[name] = module
     return found
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    if hasattr(base, "in_features"):
-        return int(base.in_features), int(base.out_features)
-    weight = base.weight  # transformers Conv1D stores (in, out)
+def _features(linear: nn.Module) -> tuple[int, int]:
+    """(in, out) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if hasattr(linear, "in_features"):
+        return int(linear.in_features), int(linear.out_features)
+    weight = linear.weight  # transformers Conv1D stores (in, out)
     return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _leaf(name: str) -> str:
+    """``a.b.q_proj`` -> ``q_proj`` (a top-level name is its own leaf)."""
+    return name.rpartition(".")[2]
 
 
 def _requested(config: TargetRequest) -> str | list[str] | set[str]:
@@ -138,11 +143,11 @@ def _filter_requested(names: list[str], requested: str | list[str] | set[str]) -
             return names
         return [n for n in names if re.fullmatch(requested, n)]
     wanted = set(requested)
-    kept = [n for n in names if n in wanted or n.rsplit(".", 1)[-1] in wanted]
-    matched = {n.rsplit(".", 1)[-1] for n in kept} | {n for n in kept if n in wanted}
+    kept = [n for n in names if n in wanted or _leaf(n) in wanted]
+    matched = {_leaf(n) for n in kept} | {n for n in kept if n in wanted}
     missing = sorted(wanted - matched)
     if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        leaves = sorted({_leaf(n) for n in names})
         raise VisionLoraConfigError(
             f"target_modules {missing} match no linear layer in this model. Linear leaf names present: {leaves}."
         )
@@ -246,9 +251,8 @@ def compile_targets(model: nn.Module, config: TargetRequest, components: Compone
     candidates = candidate_linears(model)
     heads = output_heads(model)
     names = []
-    for name, module in candidates.items():
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if id(base) in heads:
+    for name in candidates:
+        if id(modules[name]) in heads:  # the head itself, or the LoRA layer of another adapter over it
             continue
         if is_embedding_path(name) or is_router(modules, name) or is_inert_linear(modules, name):
             continue
