@@ -24,7 +24,7 @@ from peft_vision_lora.resolve.targets import apply_plan
 
 LANGUAGE_LAYERS = "model.language_model.layers"
 # llava feeds its projector hidden state -2 of its 2-layer CLIP tower: the last layer reaches nothing.
-UNREACHABLE = "vision_feature_layer=-2: the projector reads hidden state 1 of 0-2, so layer 1 of this tower never"
+UNREACHABLE = "vision_feature_layer=-2: the projector reads hidden state 1 of 0-2, so the output never depends on"
 
 
 def names(model, **flags) -> set[str]:
@@ -313,8 +313,7 @@ def test_nothing_matched_error_says_why_chosen_modules_were_skipped():
         r"target_modules=\{'q_proj'\} on model_type 'llava' "
         + DESCRIBE
         + " 1 chosen module\\(s\\) were skipped: "
-        + re.escape(UNREACHABLE)
-        + r" reach the output\.",
+        + re.escape(UNREACHABLE + " layer 1 of this tower."),
         str(info.value),
     )
 
@@ -326,7 +325,7 @@ def test_nothing_matched_error_shows_a_missing_request_as_all_linear():
         compile_targets(shared_model("llava"), config)
     message = str(info.value)
     assert "target_modules='all-linear' on model_type 'llava'" in message
-    assert message.endswith(f" 6 chosen module(s) were skipped: {UNREACHABLE} reach the output.")
+    assert message.endswith(f" 6 chosen module(s) were skipped: {UNREACHABLE} layer 1 of this tower.")
 
 
 def test_layer_lists_narrow_every_named_component_even_after_one_whose_flag_is_off():

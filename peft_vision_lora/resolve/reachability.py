@@ -81,7 +81,7 @@ def unreachable_stacks(model: nn.Module, components: ComponentMap) -> list[Unrea
             layers = f"layer {deepest}" if deepest == length - 1 else f"layers {deepest}-{length - 1}"
             reason = (
                 f"{field}={indices if len(indices) > 1 else indices[0]}: the projector reads hidden state {deepest} "
-                f"of 0-{length}, so {layers} of this tower never reach the output"
+                f"of 0-{length}, so the output never depends on {layers} of this tower"
             )
             result.append(UnreachableStack(stack, deepest, length, reason))
     return result
