@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 from helpers import fresh_model, inputs_for
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from peft_vision_lora import AdapterLoadError, VisionLoraConfig
@@ -104,11 +104,18 @@ def test_old_transformers_layout_is_remapped_logged_and_exact(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING, logger="peft_vision_lora"):
         model = _load(folder)
-    log = caplog.text
-    assert f"remapped {len(load_file(folder / WEIGHTS))} key(s)" in log  # every saved key
-    assert "language_model.model.* -> model.language_model.*" in log
-    assert "vision_tower.vision_model.* -> model.vision_tower.*" in log
-    assert "multi_modal_projector.* -> model.multi_modal_projector.*" in log
+    saved = list(load_file(folder / WEIGHTS))
+    count = {old: sum(k.startswith("base_model.model." + old) for k in saved) for old in OLD_LAYOUT.values()}
+    assert sum(count.values()) == len(saved) and all(count.values())
+    summary = (  # sorted by old prefix, one entry per layout change, with the number of keys it renamed
+        f"language_model.model.* -> model.language_model.* ({count['language_model.model.']} keys); "
+        f"multi_modal_projector.* -> model.multi_modal_projector.* ({count['multi_modal_projector.']} keys); "
+        f"vision_tower.vision_model.* -> model.vision_tower.* ({count['vision_tower.vision_model.']} keys)"
+    )
+    expected_log = (
+        f"Adapter 'default' was saved with an older transformers module layout; remapped {len(saved)} key(s): "
+    )
+    assert expected_log + summary in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs_for("llava")).logits, expected, rtol=1e-5, atol=1e-6)
     ranks = {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "r") and "default" in m.r}
@@ -122,3 +129,62 @@ def test_old_layout_with_a_lost_tensor_still_fails(tmp_path):
     _rewrite_weights(folder, lambda w: {k: v for k, v in w.items() if "layers.0.mlp.up_proj.lora_A" not in k})
     with pytest.raises(AdapterLoadError, match="layers.0.mlp.up_proj.lora_A.default.weight"):
         _load(folder)
+
+
+def _set_base_model_name(folder, name):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = name
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("dropped, listed", [(12, "]"), (13, ", ... (1 more)]")])
+def test_the_refusal_lists_twelve_keys_then_counts_the_rest(tmp_path, dropped, listed):
+    folder, _ = _saved_adapter(tmp_path)
+    _set_base_model_name(folder, "org/tiny-llava")
+    lora_b = sorted(k for k in load_file(folder / WEIGHTS) if ".lora_B." in k)
+    lost = lora_b[:dropped]
+    _rewrite_weights(folder, lambda w: {k: v for k, v in w.items() if k not in lost})
+    with pytest.raises(AdapterLoadError) as error:
+        _load(folder)
+    named = [k.removesuffix(".weight") + ".default.weight" for k in lost]
+    assert str(error.value) == (
+        "Adapter 'default' does not fit this model; nothing was loaded. "
+        f"{dropped} adapted parameter(s) got no weights: [{', '.join(named[:12])}{listed}. "
+        "Load the adapter onto the base model it was trained on (adapter_config.json says "
+        "base_model_name_or_path='org/tiny-llava') with a transformers version that uses the same module names, or "
+        "re-save it from a model with this layout. The base model was left as it was: the LoRA layers injected for "
+        "this load were removed again."
+    )
+
+
+def test_a_second_adapter_is_checked_against_its_own_weights_only(tmp_path):
+    """Loading adapter "second" next to "default" succeeds, and a gap in a third one is reported under its own name:
+    the other adapters' weights neither fill nor excuse it."""
+    folder, _ = _saved_adapter(tmp_path)
+    model = _load(folder)
+    model.load_adapter(folder, adapter_name="second")
+    assert set(model.peft_config) == {"default", "second"}
+    lost = [k for k in load_file(folder / WEIGHTS) if "layers.1.mlp.down_proj.lora_A" in k]
+    _rewrite_weights(folder, lambda w: {k: v for k, v in w.items() if k not in lost})
+    with pytest.raises(AdapterLoadError, match=r"^Adapter 'third' does not fit") as error:
+        model.load_adapter(folder, adapter_name="third")
+    assert f"{len(lost)} adapted parameter(s) got no weights" in str(error.value)
+    assert ".default." not in str(error.value) and ".second." not in str(error.value)
+
+
+def test_peft_low_level_api_on_a_bare_model_loads_strictly_too(tmp_path):
+    """``inject_adapter_in_model`` + ``set_peft_model_state_dict`` on the transformers model itself (no PeftModel,
+    no ``base_model.model.`` prefix in the model's keys): the right weights load, a stray one is refused."""
+    folder, expected = _saved_adapter(tmp_path)
+    weights = load_file(folder / WEIGHTS)
+    config = PeftConfig.from_pretrained(folder)
+    base = inject_adapter_in_model(config, fresh_model("llava")).eval()
+    result = set_peft_model_state_dict(base, weights)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs_for("llava")).logits, expected, rtol=1e-5, atol=1e-6)
+    stray = "base_model.model.model.language_model.layers.0.mlp.no_such_proj.lora_A.weight"
+    base = inject_adapter_in_model(config, fresh_model("llava"))
+    with pytest.raises(AdapterLoadError, match="1 adapter weight\\(s\\) match no module") as error:
+        set_peft_model_state_dict(base, {**weights, stray: torch.zeros(4, 32)})
+    assert "no_such_proj" in str(error.value)

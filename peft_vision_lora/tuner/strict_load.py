@@ -10,6 +10,7 @@ tuner because PEFT calls it from inside ``load_adapter``.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +43,7 @@ def adapter_parameter_keys(model: nn.Module, adapter_name: str) -> set[str]:
     prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     keys = set(_filter_state_dict_by_key_prefixes(state, prefixes))
     for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+        if isinstance(module, ModulesToSaveWrapper):  # a wrapper without this adapter has no such keys
             prefix = f"{name}.modules_to_save.{adapter_name}."
             keys.update(k for k in state if k.startswith(prefix))
     return keys
@@ -69,11 +70,9 @@ def _rename_summary(renames: dict[str, str]) -> str:
     counts: Counter[tuple[str, str]] = Counter()
     for old, new in renames.items():
         old_parts, new_parts = old.removeprefix(PEFT_PREFIX).split("."), new.removeprefix(PEFT_PREFIX).split(".")
-        tail = 0
-        while tail < min(len(old_parts), len(new_parts)) and old_parts[-1 - tail] == new_parts[-1 - tail]:
-            tail += 1
-        if tail == min(len(old_parts), len(new_parts)):
-            tail -= 1  # one side is a suffix of the other: show the first shared segment too
+        shared = len(os.path.commonprefix([old_parts[::-1], new_parts[::-1]]))  # common trailing segments
+        # when one side is a suffix of the other, show the first shared segment too
+        tail = min(shared, len(old_parts) - 1, len(new_parts) - 1)
         counts[(".".join(old_parts[: len(old_parts) - tail]), ".".join(new_parts[: len(new_parts) - tail]))] += 1
     return "; ".join(f"{old}.* -> {new}.* ({n} keys)" for (old, new), n in sorted(counts.items()))
 
@@ -128,8 +127,9 @@ def remap_and_check(
     """Run PEFT's key remap; rename keys of an older module layout if needed; then demand an exact fit."""
     remapped = remap(state_dict)
     model_keys, normalise = _model_keys(model)
-    stray = [k for k in remapped if normalise(k) not in model_keys]
-    renames = rename_legacy_keys(model, stray) if stray else {}
+    # only keys that fit no module are renamed (transformers' rules leave current-layout keys as they are)
+    stray = [k for k in remapped if normalise(k) not in model_keys]  # pragma: no mutate
+    renames = rename_legacy_keys(model, stray)
     if renames:
         logger.warning(
             "Adapter '%s' was saved with an older transformers module layout; remapped %d key(s): %s",
