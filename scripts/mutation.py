@@ -62,7 +62,8 @@ CORE: dict[str, CoreModule] = {
         "peft_vision_lora/tuner/strict_load.py", ("tests/test_strict_loading.py", "tests/test_load_rollback.py")
     ),
     "sharing.atomic_save": CoreModule(
-        "peft_vision_lora/sharing/atomic_save.py", ("tests/test_atomic_save.py", "tests/test_atomic_swap.py")
+        "peft_vision_lora/sharing/atomic_save.py",
+        ("tests/test_atomic_folders.py", "tests/test_atomic_save.py", "tests/test_atomic_swap.py"),
     ),
     "kernels.reference": CoreModule(
         "peft_vision_lora/kernels/reference.py", ("tests/test_kernels.py", "tests/test_layer.py")

@@ -6,6 +6,7 @@ Both entry points are covered: ``model.save_pretrained`` (PEFT's method, staged 
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -247,16 +248,17 @@ def test_distributed_save_stages_files_inside_the_folder(tmp_path, monkeypatch):
     torch.testing.assert_close(_reloaded_logits(folder), _logits(second), rtol=1e-5, atol=1e-6)
 
 
-def test_named_adapters_and_card_text_survive_a_staged_save(tmp_path):
+@pytest.mark.parametrize("entry", SAVES)
+def test_named_adapters_and_card_text_survive_a_staged_save(tmp_path, entry):
     folder = tmp_path / "adapters"
     model = _adapter(seed=1)
     model.add_adapter("language_only", VisionLoraConfig(r=2, finetune_vision_layers=False))
-    model.save_pretrained(folder)
+    SAVES[entry](model, folder)
     for card in (folder / "README.md", folder / "language_only" / "README.md"):
         card.write_text(card.read_text() + "\n## Notes\n\nWritten by hand.\n")
     (folder / "language_only" / "eval.json").write_text("{}")
 
-    model.save_pretrained(folder)
+    SAVES[entry](model, folder)
     for card in (folder / "README.md", folder / "language_only" / "README.md"):
         text = card.read_text()
         assert text.count("Written by hand.") == 1 and text.count("## Adapted components") == 1
@@ -264,6 +266,40 @@ def test_named_adapters_and_card_text_survive_a_staged_save(tmp_path):
     reloaded = PeftModel.from_pretrained(fresh_model(MODEL_TYPE), folder)
     reloaded.load_adapter(folder / "language_only", adapter_name="language_only")
     assert set(reloaded.peft_config) == {"default", "language_only"}
+
+
+def test_save_adapter_saves_only_the_selected_adapters_and_leaves_the_others_as_they_were(tmp_path):
+    folder = tmp_path / "adapters"
+    model = _adapter(seed=1)
+    for name in ("first", "second"):
+        model.add_adapter(name, VisionLoraConfig(r=2, finetune_vision_layers=False))
+    save_adapter(model, folder)
+    (folder / "first" / "README.md").write_text("Written by hand.\n")
+    second = {path: path.stat().st_ino for path in (folder / "second").iterdir()}
+    top = (folder / "adapter_model.safetensors").stat().st_ino
+
+    save_adapter(model, folder, selected_adapters=["first"])
+    assert "Written by hand." in (folder / "first" / "README.md").read_text()
+    # the adapters not selected keep the very same files (linked into the new folder, not rewritten or copied)
+    assert {path: path.stat().st_ino for path in (folder / "second").iterdir()} == second
+    assert (folder / "adapter_model.safetensors").stat().st_ino == top
+
+
+def test_model_card_paths():
+    model = _adapter(seed=1)
+    assert saving.model_card_paths(model) == ["README.md"]  # the default adapter's card is the folder's
+    for name in ("first", "second"):
+        model.add_adapter(name, VisionLoraConfig(r=2, finetune_vision_layers=False))
+    assert saving.model_card_paths(model) == ["README.md", "first/README.md", "second/README.md"]
+    assert saving.model_card_paths(model, ["second"]) == ["README.md", "second/README.md"]
+    assert saving.model_card_paths(torch.nn.Linear(2, 2)) == ["README.md"]  # no adapters at all
+
+
+def test_save_adapter_refuses_a_model_without_save_pretrained(tmp_path):
+    message = "save_adapter needs a PeftModel (with save_pretrained), got Linear."
+    with pytest.raises(TypeError, match=re.escape(message)):
+        save_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_other_peft_adapters_save_exactly_as_peft_does(tmp_path, monkeypatch):

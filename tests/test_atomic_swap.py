@@ -28,7 +28,9 @@ CHILD = textwrap.dedent(
     import importlib.util, os, shutil, sys
 
     # The module alone, loaded from its file: the package's import (PEFT, transformers) would cost each child seconds.
-    spec = importlib.util.spec_from_file_location("atomic_save", sys.argv[3])
+    # The parent's file and module name: under mutation testing that is the mutated copy, and the name is how its
+    # trampolines recognise the mutant to run (MUTANT_UNDER_TEST, inherited from the parent).
+    spec = importlib.util.spec_from_file_location(sys.argv[4], sys.argv[3])
     saving = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(saving)
 
@@ -84,7 +86,7 @@ def _leftovers(folder) -> list[str]:
 
 def _start(folder, mode: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(folder), mode, atomic_save.__file__],
+        [sys.executable, "-c", CHILD, str(folder), mode, atomic_save.__file__, atomic_save.__name__],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -117,7 +119,7 @@ def _observe(folder, mode: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("mode", ["renameat2", "two-renames"])
-def test_reader_sees_old_then_new_and_never_a_missing_or_mixed_folder(tmp_path, mode):
+def test_reader_sees_old_then_new_and_never_a_missing_or_mixed_folder(tmp_path, monkeypatch, mode):
     folder = tmp_path / "adapter"
     _write_old(folder)
     seen = _observe(folder, mode)
@@ -127,6 +129,16 @@ def test_reader_sees_old_then_new_and_never_a_missing_or_mixed_folder(tmp_path, 
         assert versions == sorted(versions, key=["old", "new"].index), versions  # old ... old, new ... new
         assert [step for step, _ in seen][0] == "renameat2"  # the first step publishes: one switch-over
     assert _version(folder) == "new"
+    assert _leftovers(folder) == []
+
+    # A further save, in this process, over what the child published. (It also ties this test to the swap's
+    # functions for mutmut, which picks the tests to run per mutant by what they call in the test process.)
+    if mode == "two-renames":
+        monkeypatch.setattr(atomic_save, "_exchange", lambda a, b: False)
+    with atomic_directory(folder) as staged:
+        for name in FILES:
+            (staged / name).write_text(f"newer {name}")
+    assert _version(folder) == "newer"
     assert _leftovers(folder) == []
 
 

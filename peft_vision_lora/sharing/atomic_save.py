@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import ctypes.util
 import logging
 import os
 import re
@@ -38,19 +37,16 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2``); False where the platform or filesystem cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    try:
+        renameat2 = ctypes.CDLL(None).renameat2  # the C library's symbols (glibc >= 2.28, musl >= 1.2.4)
+    except (AttributeError, OSError, TypeError):  # no renameat2: macOS, Windows, an older C library
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    """Flush a file's contents, or a folder's entries (a folder opened read-only can be fsynced too)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -59,7 +55,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(root: Path) -> None:
     """Flush file contents and directory entries, so the rename never publishes half-written data after a crash."""
-    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+    for path in [*root.rglob("*"), root]:  # in any order: all are flushed before the rename
         if not path.is_symlink():
             _fsync_dir(path)
 
@@ -71,27 +67,31 @@ def _is_real_dir(path: Path) -> bool:
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
-    except OSError:
+    except OSError:  # no hard links here (or across devices): a copy
         shutil.copy2(src, dst)
 
 
-def _keep_untouched_entries(target: Path, staged: Path, *, top: bool = True) -> None:
+def _keep_untouched_entries(target: Path, staged: Path) -> None:
     """Entries of the old folder the new save does not write (tokenizer, checkpoints) move along, as hard links.
 
     Folders present in both are merged entry by entry, as an in-place save into them would have left them.
     """
     for entry in target.iterdir():
-        destination = staged / entry.name
-        if top and entry.name.startswith(f".{target.name}."):
-            continue
-        if destination.exists() or destination.is_symlink():
-            if _is_real_dir(entry) and _is_real_dir(destination):
-                _keep_untouched_entries(entry, destination, top=False)
-            continue
-        if _is_real_dir(entry):
-            shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(destination))
+        if not entry.name.startswith(f".{target.name}."):  # else a save to target/NAME is staging: not ours to keep
+            _keep_entry(entry, staged / entry.name)
+
+
+def _keep_entry(entry: Path, destination: Path) -> None:
+    if destination.exists() or destination.is_symlink():  # the new save wrote it: it wins, merged if both folders
+        if _is_real_dir(entry) and _is_real_dir(destination):
+            for inner in entry.iterdir():
+                _keep_entry(inner, destination / inner.name)
+    elif entry.is_symlink():
+        os.symlink(os.readlink(entry), destination)  # the link itself, as copytree(symlinks=True) keeps them
+    elif entry.is_dir():
+        shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(entry), str(destination))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -117,7 +117,7 @@ def _recover(target: Path) -> None:
     if not target.parent.exists():
         return
     for entry, kind, pid in sorted(_leftovers(target), key=lambda e: e[0].stat().st_mtime, reverse=True):
-        if _pid_alive(pid) and pid != os.getpid():
+        if pid != os.getpid() and _pid_alive(pid):
             continue  # another process is saving right now
         if kind == "old" and not target.exists():
             logger.warning("Restoring %s from %s (a previous save stopped between two renames).", target, entry)
@@ -186,8 +186,9 @@ _STAGED_PREFIX = ".vision-lora-save-tmp-"
 _PUBLISH_LAST = ("adapter_config.json", "README.md")
 
 
-def _publish_order(path: Path) -> tuple[int, str]:
-    return (_PUBLISH_LAST.index(path.name) + 1 if path.name in _PUBLISH_LAST else 0, path.as_posix())
+def _publish_order(path: Path) -> tuple[bool, bool, str]:
+    """Other files first, then each ``adapter_config.json``, then each ``README.md``; by path within each group."""
+    return (path.name in _PUBLISH_LAST, path.name == "README.md", path.as_posix())
 
 
 def _remove_dead_staging(target: Path) -> None:
