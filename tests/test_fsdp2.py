@@ -85,11 +85,14 @@ def _free_port() -> int:
 def fsdp2_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", str(ROOT / "examples" / "fsdp2_cpu.yaml")]
-    command += ["--main_process_port", str(_free_port()), str(ROOT / "examples" / "train_fsdp2.py")]
-    command += ["--output-dir", str(out), "--steps", "6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(3):  # the free port can be taken by another process between picking it and binding it: retry
+        command = [str(accelerate), "launch", "--config_file", str(ROOT / "examples" / "fsdp2_cpu.yaml")]
+        command += ["--main_process_port", str(_free_port()), str(ROOT / "examples" / "train_fsdp2.py")]
+        command += ["--output-dir", str(out), "--steps", "6"]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0 or "address already in use" not in (result.stdout + result.stderr).lower():
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
 
