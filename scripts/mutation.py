@@ -42,7 +42,17 @@ CORE: dict[str, CoreModule] = {
         "peft_vision_lora/resolve/module_kinds.py", ("tests/test_selection.py", "tests/test_module_kinds.py")
     ),
     "resolve.components": CoreModule(
-        "peft_vision_lora/resolve/components.py", ("tests/test_selection.py", "tests/test_explain.py")
+        "peft_vision_lora/resolve/components.py",
+        (
+            "tests/test_selection.py",
+            "tests/test_explain.py",
+            "tests/test_components.py",
+            "tests/test_layers_to_transform.py",
+            "tests/test_layer_ranges.py",
+            "tests/test_override_truth.py",
+            "tests/test_zoo.py",
+            "tests/test_module_kinds.py",
+        ),
     ),
     "resolve.targets": CoreModule(
         "peft_vision_lora/resolve/targets.py",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -60,6 +61,8 @@ _CROSS_ATTENTION = re.compile(
 # features into the text space: they are projectors.
 _EMBEDDING_PART = re.compile(r"embed|^wte$|^wpe$")
 _MODALITY_EMBEDDER = re.compile(r"^embed_(vision|audio|image|video)$")
+# A projector root whose own name says audio (Gemma's ``embed_audio``) maps audio features: the audio path.
+_AUDIO_SIDE = re.compile(r"audio[^.]*$")
 
 # Per-model_type corrections, applied after structural resolution: component -> module paths, plus EXCLUDED paths.
 OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -74,7 +77,7 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
     # Janus: only the understanding path; image generation (VQ codes in and out) is no component.
     "janus": {
         "projector": ("model.aligner",),
-        EXCLUDED: ("model.vqmodel", "model.generation_aligner", "model.generation_head"),
+        EXCLUDED: ("model.generation_aligner", "model.generation_head"),  # model.vqmodel: by its vq_config
     },
     # DeepSeek-VL hybrid: the SAM neck and downsampling convs belong to the high-resolution vision encoder. The
     # low-resolution path reads SigLIP's last_hidden_state only: its attention-pooling head runs but reaches nothing.
@@ -134,12 +137,17 @@ class ComponentMap:
         return self.paths.get(component, ())
 
     def component_of(self, name: str) -> str | None:
-        """The component owning module ``name``: the longest matching prefix wins (merger in visual -> projector)."""
-        best, best_len = None, -1
-        for component, prefixes in [*self.paths.items(), (EXCLUDED, self.excluded)]:
-            for prefix in prefixes:
-                if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
-                    best, best_len = component, len(prefix)
+        """The component owning module ``name``: the longest matching prefix wins (merger in visual -> projector);
+        an excluded prefix wins a tie."""
+        matches = [
+            (len(prefix), component)
+            for component, prefixes in [(EXCLUDED, self.excluded), *self.paths.items()]
+            for prefix in prefixes
+            if name == prefix or name.startswith(prefix + ".")
+        ]
+        if not matches:
+            return None
+        best = max(matches, key=lambda match: match[0])[1]  # max keeps the first of equal lengths: the exclusion
         return None if best == EXCLUDED else best
 
     def describe(self) -> str:
@@ -158,23 +166,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _subconfigs(config: PretrainedConfig, prefix: str = "") -> list[tuple[str, PretrainedConfig]]:
-    """(key, sub-config) pairs, searching inside sub-configs whose key names no component (``vlm_config``)."""
-    keys = list(getattr(config, "sub_configs", {}) or {})
-    keys += [k for k, v in vars(config).items() if isinstance(v, PretrainedConfig) and k not in keys]
+def _subconfigs(config: PretrainedConfig) -> list[tuple[str, PretrainedConfig]]:
+    """(key, sub-config) pairs, searching inside sub-configs whose key names no component (``vlm_config``).
+
+    Sub-configs are attributes of their config (every key of a transformers config's ``sub_configs`` is one). A
+    nested sub-config is named by its own key: the keys above it name no component, else it would not be searched.
+    """
     found = []
-    for key in keys:
-        sub = getattr(config, key, None)
+    for key, sub in vars(config).items():
         if not isinstance(sub, PretrainedConfig):
             continue
-        found.append((prefix + key, sub))
+        found.append((key, sub))
         if _component_for_key(key) is None:
-            found += _subconfigs(sub, prefix=f"{prefix}{key}.")
+            found += _subconfigs(sub)
     return found
 
 
 def _component_for_key(key: str) -> str | None:
-    key = key.rsplit(".", 1)[-1]
     for fragment, component in _SUBCONFIG_COMPONENTS:
         if fragment in key:
             return component
@@ -213,7 +221,7 @@ def _towers_from_subconfigs(model: nn.Module) -> dict[str, list[str]]:
 
 def _towers_from_names(model: nn.Module, component: str) -> list[str]:
     wanted = _FALLBACK_NAMES[component]
-    hits = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in wanted]
+    hits = [n for n, _ in model.named_modules() if n and n.split(".")[-1] in wanted]
     return list(_shallowest(hits))[:4]
 
 
@@ -222,7 +230,7 @@ def _inside(name: str, prefixes: tuple[str, ...] | list[str]) -> bool:
 
 
 def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
+    return name.rpartition(".")[0]
 
 
 def output_heads(model: nn.Module) -> set[int]:
@@ -238,7 +246,7 @@ def output_heads(model: nn.Module) -> set[int]:
         try:
             head = getter()
         except Exception:  # some remote-code models raise here
-            head = None
+            continue
         if isinstance(head, nn.Module):
             heads.add(id(head))
     return heads
@@ -256,11 +264,12 @@ def _projector_roots(model: nn.Module, towers: list[str]) -> list[str]:
     for name, module in model.named_modules():
         if not name or id(module) in excluded or _inside(name, towers) or is_embedding_path(name):
             continue
-        if isinstance(module, nn.Embedding) or not any(True for _ in module.parameters(recurse=False)):
+        if isinstance(module, nn.Embedding):
             continue
-        parts = name.split(".")
-        for depth in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:depth])
+        own = list(module.parameters(recurse=False))  # pragma: no mutate (recurse=None is recurse=False)
+        if not own:
+            continue
+        for prefix in accumulate(name.split("."), lambda path, part: f"{path}.{part}"):
             if not any(t == prefix or t.startswith(prefix + ".") for t in towers):
                 if _parent(prefix) in tower_parents:
                     roots.append(prefix)
@@ -272,7 +281,7 @@ def _in_tower_projectors(model: nn.Module, vision: tuple[str, ...]) -> list[str]
     hits = [
         name
         for name, _ in model.named_modules()
-        if _inside(name, vision) and name not in vision and _IN_TOWER_PROJECTOR.search(name.rsplit(".", 1)[-1])
+        if _inside(name, vision) and name not in vision and _IN_TOWER_PROJECTOR.search(name)
     ]
     return list(_shallowest(hits))
 
@@ -300,7 +309,9 @@ def is_embedding_path(name: str) -> bool:
 
 def _backbone(model: nn.Module) -> str | None:
     """The transformers backbone (``base_model_prefix``): the language model when the top config is the text one."""
-    prefix = getattr(model, "base_model_prefix", "")
+    if not isinstance(model, PreTrainedModel):
+        return None
+    prefix = model.base_model_prefix
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
         return prefix
     return None
@@ -332,19 +343,18 @@ def resolve_components(model: nn.Module) -> ComponentMap:
             paths[component], how[component] = tuple(override), "override"
 
     towers = [p for c in ("vision", "language", "audio", "qformer") for p in paths.get(c, ())] + excluded
-    if how.get("language") == "backbone":
-        towers = [t for t in towers if t not in paths["language"]]  # beside the towers is inside the backbone
+    # A backbone language model holds the rest (its siblings inside it are text layers): no projector by structure.
     roots = _projector_roots(model, towers) if how.get("language") != "backbone" else []
-    audio_side = [r for r in roots if "audio" in r.rsplit(".", 1)[-1]]  # Gemma's embed_audio: the audio path
+    audio_side = [r for r in roots if _AUDIO_SIDE.search(r)]
     projector = _in_tower_projectors(model, paths.get("vision", ())) + [r for r in roots if r not in audio_side]
-    if how.get("projector") != "override" and (projector or paths.get("projector")):
+    if how.get("projector") != "override" and projector:
         paths["projector"] = _shallowest(projector + list(paths.get("projector", ())))
         how["projector"] = "structure"
     if audio_side:
         paths["audio"] = _shallowest(list(paths.get("audio", ())) + audio_side)
         how.setdefault("audio", "structure")
     cross = _cross_attention_blocks(model, paths.get("language", ()), model_type)
-    if cross and "cross_attention" not in how:
+    if cross:  # no sub-config or override names cross-attention: it is found by structure only
         paths["cross_attention"], how["cross_attention"] = tuple(cross), "structure"
     return ComponentMap(model_type=model_type, paths=paths, how=how, excluded=_shallowest(excluded))
 
@@ -363,11 +373,8 @@ def layer_slot(
     stacks) has one slot per stack. With ``patterns`` (PEFT's ``layers_pattern``), only a numbered element whose
     parent is named in ``patterns`` counts. None for modules outside every numbered stack (a pooling head).
     """
-    roots = components["language"] if component == "cross_attention" else ()
-    roots = [r for r in roots if name.startswith(r + ".")] or [
-        r for r in components[component] if name.startswith(r + ".")
-    ]
-    root = max(roots, key=len, default=None)
+    roots = components["language" if component == "cross_attention" else component]
+    root = max((r for r in roots if name.startswith(r + ".")), default=None)  # nested roots: the deepest sorts last
     if root is None:
         return None
     parts = name.split(".")
@@ -375,7 +382,6 @@ def layer_slot(
         part = parts[position]
         if part.isdigit() and (not patterns or parts[position - 1] in patterns):
             stack = ".".join(parts[:position])
-            container = modules.get(stack)
-            length = len(container) if isinstance(container, (nn.ModuleList, nn.Sequential)) else int(part) + 1
+            length = sum(key.isdigit() for key, _ in modules[stack].named_children())  # any container's layers
             return stack, int(part), length
     return None
