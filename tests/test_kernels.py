@@ -122,6 +122,7 @@ def test_torch_fused_defaults_are_eval_without_dropout():
     expected = lora_linear_naive(*args)
     torch.testing.assert_close(lora_linear_torch(*args), expected)
     torch.testing.assert_close(lora_linear_torch(*args, training=True), expected)  # no dropout_p: no dropout
+    torch.testing.assert_close(lora_linear_torch(*args, dropout_p=0.4), expected)  # training defaults to False
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -299,6 +300,7 @@ def test_reference_is_peft_lora_linear_in_train_and_eval(bias):
         torch.testing.assert_close(lora_linear_naive(*args), expected_eval)  # defaults: eval, no dropout
         torch.testing.assert_close(lora_linear_naive(*args, training=True), expected_eval)  # no dropout_p: none
         torch.testing.assert_close(lora_linear_naive(*args, 0.4, False), expected_eval)  # eval ignores dropout_p
+        torch.testing.assert_close(lora_linear_naive(*args, dropout_p=0.4), expected_eval)  # training defaults False
         torch.manual_seed(11)
         expected_train = layer.train()(x)
         torch.manual_seed(11)

@@ -5,6 +5,7 @@ top-level ``multi_modal_projector``) load onto today's layout (``model.language_
 transformers' own rename rules, with a log line, and give the same logits.
 """
 
+import copy
 import json
 import logging
 import re
@@ -14,8 +15,10 @@ import torch
 from helpers import fresh_model, inputs_for
 from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from peft_vision_lora import AdapterLoadError, VisionLoraConfig
+from peft_vision_lora.tuner.strict_load import _rename_summary
 
 WEIGHTS = "adapter_model.safetensors"
 # transformers < 4.52 layout of LLaVA-style models -> the layout transformers 5 builds (and our adapters name).
@@ -115,7 +118,7 @@ def test_old_transformers_layout_is_remapped_logged_and_exact(tmp_path, caplog):
     expected_log = (
         f"Adapter 'default' was saved with an older transformers module layout; remapped {len(saved)} key(s): "
     )
-    assert expected_log + summary in caplog.text
+    assert expected_log + summary in [record.getMessage() for record in caplog.records]
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs_for("llava")).logits, expected, rtol=1e-5, atol=1e-6)
     ranks = {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "r") and "default" in m.r}
@@ -188,3 +191,48 @@ def test_peft_low_level_api_on_a_bare_model_loads_strictly_too(tmp_path):
     with pytest.raises(AdapterLoadError, match="1 adapter weight\\(s\\) match no module") as error:
         set_peft_model_state_dict(base, {**weights, stray: torch.zeros(4, 32)})
     assert "no_such_proj" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "old, new, shown",
+    [
+        (
+            "language_model.model.layers.0.q.weight",
+            "model.language_model.layers.0.q.weight",
+            "language_model.model.* -> model.language_model.*",
+        ),
+        ("model.text.layers.0.q.weight", "text.layers.0.q.weight", "model.text.* -> text.*"),  # a prefix dropped
+        ("vision.blocks.0.q.weight", "vision.layers.0.q.weight", "vision.blocks.* -> vision.layers.*"),
+    ],
+)
+def test_the_rename_summary_shows_what_changed_and_the_first_shared_segment(old, new, shown):
+    prefix = "base_model.model."
+    renames = {prefix + old: prefix + new, prefix + old.replace(".q.", ".k."): prefix + new.replace(".q.", ".k.")}
+    assert _rename_summary(renames) == f"{shown} (2 keys)"
+
+
+class _NoConfigVLM(nn.Module):
+    """A hand-rolled VLM (no transformers config): no rename rules to look up."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision_tower = nn.Sequential(nn.Linear(8, 8))
+        self.language_model = nn.Sequential(nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.language_model(self.vision_tower(x))
+
+
+def test_a_model_without_a_config_loads_strictly(tmp_path):
+    torch.manual_seed(0)
+    base = _NoConfigVLM()
+    fresh_base = copy.deepcopy(base)
+    model = get_peft_model(base, VisionLoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    x = torch.randn(3, 8)
+    reloaded = PeftModel.from_pretrained(fresh_base, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x))
+    _rewrite_weights(tmp_path, lambda w: {**w, "base_model.model.vision_tower.1.lora_A.weight": torch.zeros(2, 8)})
+    with pytest.raises(AdapterLoadError, match="1 adapter weight\\(s\\) match no module"):
+        PeftModel.from_pretrained(_NoConfigVLM(), tmp_path)

@@ -26,9 +26,9 @@ def lora_linear_naive(
 ) -> torch.Tensor:
     """Textbook LoRA Linear through autograd; with `mask` given, dropout uses it instead of drawing its own."""
     result = F.linear(x, weight, bias)
-    if training and dropout_p > 0.0:
+    if training and dropout_p > 0.0:  # pragma: no mutate (p >= 0 is the same: dropout with p = 0 is the identity)
         if mask is None:
-            dropped = F.dropout(x, dropout_p, training=True)
+            dropped = F.dropout(x, dropout_p)  # F.dropout's default is training=True
         else:
             dropped = x * mask.view(x.shape) / (1.0 - dropout_p)
     else:

