@@ -622,3 +622,14 @@ def test_trl_dft_loss_is_left_to_trl(tmp_path):
     assert sl.trainer_supervised_loss(trainer, trainer.model, batch, False, None) is None
     _, kept = on_and_off(trainer, batch, num_items=8)
     assert kept == [False, False]
+
+
+class _ToyLMWithoutLossKwargs(_ToyLM):
+    def forward(self, input_ids, labels=None):
+        return super().forward(input_ids, labels)
+
+
+def test_fallback_passes_no_num_items_to_a_forward_that_takes_none():
+    model = _ToyLMWithoutLossKwargs()
+    batch = _ids()
+    torch.testing.assert_close(sl.supervised_loss(model, batch), model(**batch).loss, rtol=0, atol=0)
