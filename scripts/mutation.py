@@ -81,7 +81,10 @@ CORE: dict[str, CoreModule] = {
     "kernels.torch_fused": CoreModule(
         "peft_vision_lora/kernels/torch_fused.py", ("tests/test_kernels.py", "tests/test_layer.py")
     ),
-    "integrations.loss": CoreModule("peft_vision_lora/integrations/loss.py", ("tests/test_supervised_loss.py",)),
+    "integrations.loss": CoreModule(
+        "peft_vision_lora/integrations/loss.py",
+        ("tests/test_supervised_loss.py", "tests/test_supervised_loss_paths.py"),
+    ),
     "data.collator": CoreModule("peft_vision_lora/data/collator.py", ("tests/test_collator.py",)),
 }
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.loss.loss_utils import LOSS_MAPPING
 
 from ..resolve.components import unwrap_model
@@ -96,10 +97,9 @@ def fallback_reason(model: nn.Module, inputs: dict[str, Any] | None = None) -> s
     must be ``ForCausalLMLoss``. Forwards that compute their own loss (BLIP's label smoothing, ...) fall back.
     """
     base = unwrap_model(model)
-    config = getattr(base, "config", None)
-    if config is None:
+    if not isinstance(getattr(base, "config", None), PretrainedConfig):
         return f"{type(base).__name__} has no transformers config"
-    if getattr(config, "is_encoder_decoder", False):
+    if base.config.is_encoder_decoder:
         return "encoder-decoder models compute their loss in the decoder"
     if "logits_to_keep" not in _forward_params(base):
         return f"{type(base).__name__}.forward takes no logits_to_keep (BLIP-2: its loss offsets the query tokens)"
@@ -128,11 +128,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, denominator: torch.Tensor, chunk: int):
         # logits: (N, V) in the model's dtype; targets: (N,) all trained; denominator: () float32
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        lse = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        total = logits.new_zeros((), dtype=torch.float32)
         for start in range(0, logits.shape[0], chunk):
             rows = logits[start : start + chunk].float()  # (c, V) float32: the only large temporary
-            lse[start : start + chunk] = torch.logsumexp(rows, dim=-1)
+            lse[start : start + chunk] = torch.logsumexp(rows, dim=1)
             picked = rows.gather(1, targets[start : start + chunk, None]).squeeze(1)  # (c,)
             total += (lse[start : start + chunk] - picked).sum()  # -log p(target) = lse - logit[target]
         ctx.save_for_backward(logits, targets, lse, denominator)
@@ -147,7 +147,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.chunk):
             stop = start + ctx.chunk
             probs = (logits[start:stop].float() - lse[start:stop, None]).exp_()  # (c, V) softmax
-            probs.scatter_add_(1, targets[start:stop, None], probs.new_full((probs.shape[0], 1), -1.0))
+            index = targets[start:stop, None]  # (c, 1)
+            probs.scatter_add_(1, index, probs.new_full(index.shape, -1.0))
             grad[start:stop] = probs.mul_(scale)  # d CE / d logits = softmax - onehot(target)
         return grad, None, None, None
 
@@ -274,7 +275,7 @@ def _log_trl_metrics(trainer: Any, result: SupervisedLossResult, inputs: dict[st
         return
     gather = trainer.accelerator.gather_for_metrics
     entropy, correct = _kept_metrics(result.logits.detach(), result.targets, chunk)
-    count = gather(torch.tensor(result.targets.numel(), device=entropy.device)).sum()
+    count = gather(result.targets.new_tensor(result.targets.numel())).sum()
     entropy, correct = gather(entropy).sum(), gather(correct).sum()
     metrics = trainer._metrics["train"]
     metrics["entropy"].append((entropy / count).item() if count > 0 else 0.0)
