@@ -14,7 +14,7 @@ from PIL import Image
 from peft_vision_lora.data import IGNORE_INDEX, RECIPES, VisionChatCollator
 from peft_vision_lora.data.collator import _align
 from peft_vision_lora.testing import build_processor
-from peft_vision_lora.testing.processors import QWEN_TEMPLATE
+from peft_vision_lora.testing.processors import _CONTENT, QWEN_TEMPLATE
 
 RED, BLUE = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 200))
 
@@ -86,9 +86,9 @@ def test_align_maps_text_tokens_and_finds_inserted_ones(plain, processed, positi
 
 def test_align_of_a_long_rewritten_row_keeps_frequent_tokens():
     """difflib's autojunk would drop a token that makes up over 1% of a 200+ token row (a space, a newline)."""
-    plain, processed = [7] * 250 + [1], [7] * 250 + [2]
+    plain, processed = [1] + [7] * 250, [2] + [7] * 250
     positions, extra = _mapped(plain, processed)
-    assert positions == [*range(250), 251, 251] and extra == [250]
+    assert positions == [1, *range(1, 252)] and extra == [0]
 
 
 # --- max_length ------------------------------------------------------------------------------------------------------
@@ -171,13 +171,30 @@ def test_paligemma_labels_the_suffix_and_drops_rows_past_max_length():
 # --- labels --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("named", [True, False])
+class _Wrapped:
+    """A processor from outside transformers (a user's wrapper): nothing in it says which family it is."""
+
+    def __init__(self, inner):
+        self.inner, self.tokenizer, self.chat_template = inner, inner.tokenizer, inner.chat_template
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("named", [True, False, "from the model"])
 def test_image_tokens_inside_an_answer_are_not_trained(named):
-    """An assistant turn that shows an image: its placeholder tokens, named or only found as inserted, stay -100."""
+    """An assistant turn that shows an image: its placeholder tokens, named (by the family, also when only the model
+    says which it is) or only found as inserted, stay -100."""
     processor = build_processor("qwen2_vl")
     answer = {"role": "assistant", "content": [{"type": "text", "text": "like"}, {"type": "image"}]}
     example = {"images": [RED, BLUE], "messages": [_user("Show me.", 1), answer]}
     collator = VisionChatCollator(processor)
+    if named == "from the model":
+        collator = VisionChatCollator(_Wrapped(processor), model=shared_model("qwen2_vl"))
+        named = True
     if not named:
         collator.ignored_ids = torch.tensor([], dtype=torch.long)
     batch = collator([example])
@@ -263,3 +280,30 @@ def test_processor_without_chat_template_is_refused_by_name():
         VisionChatCollator(processor)
     with pytest.raises(ValueError, match="^SimpleNamespace has no chat template"):
         VisionChatCollator(types.SimpleNamespace())
+
+
+def test_a_row_is_dropped_when_its_next_image_starts_right_at_the_cut():
+    """Mllama writes one <|image|> per image; with user turns that open on their image, the second image's token is
+    the very first one past the first answer: cutting there would keep two images' pixels for one placeholder."""
+    processor = build_processor("mllama")
+    processor.chat_template = _CONTENT + (
+        "<|begin_of_text|>{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ content(message, '<|image|>') }}{% else %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{{ content(message, '') }}<|eot_id|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    short = {"images": [BLUE], "messages": [_user("Colour?", 1), _assistant("blue")]}
+    chat = {"images": [RED, BLUE], "messages": [_user("Colour?", 1), _assistant("red"), _user("And?", 1)]}
+    chat["messages"].append(_assistant("blue"))
+    full = VisionChatCollator(processor)([chat])
+    ends = _answer_ends(full["labels"][0])
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert full["input_ids"][0, ends[0]] == image_token, "the second image must follow the first answer at once"
+    warning = (
+        rf"^Dropped batch rows \[1\]: their images or first answer end past max_length={ends[0] + 2} tokens "
+        r"\(an answer without its end-of-turn token, or image tokens without their image, would train wrongly\)\.$"
+    )
+    with pytest.warns(UserWarning, match=warning) as caught:
+        dropped = VisionChatCollator(processor, max_length=ends[0] + 2)([short, chat])
+    assert caught[0].filename == __file__, "the warning points at the caller of the collator"
+    _assert_same_batch(dropped, VisionChatCollator(processor)([short]))

@@ -78,7 +78,7 @@ class VisionChatCollator:
         examples = [self._prepare(i, example) for i, example in enumerate(examples)]
         if self.model_type == "paligemma":
             batch = self._prefix_suffix_batch(examples)
-            inserted = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            inserted = torch.zeros_like(batch["attention_mask"])  # its image tokens are all named: none to find
         else:
             batch, inserted = self._chat_batch(examples)
         if self.max_length is None:
@@ -211,11 +211,9 @@ class VisionChatCollator:
         dropped: list[int] = []
         for row in range(len(examples)):
             real = mask[row].nonzero().flatten()
-            if len(real) <= limit:
-                keep_lengths.append(len(real))
-                continue
             trained = (batch["labels"][row, real] != IGNORE_INDEX).tolist()
             ends = [i + 1 for i in range(len(trained)) if trained[i] and (i + 1 == len(trained) or not trained[i + 1])]
+            ends.append(len(real))  # a row that fits is kept whole
             cut = max((end for end in ends if end <= limit), default=0)
             images_at = image[row, real].nonzero().flatten()
             if cut == 0 or (len(images_at) and int(images_at[-1]) >= cut):
@@ -253,7 +251,12 @@ def _align(plain: list[int], processed: list[int]) -> tuple[Any, torch.Tensor]:
         pairs.append((i, j))
         j += 1
     if len(pairs) != len(plain):
-        matcher = difflib.SequenceMatcher(None, plain, processed, autojunk=False)
+        matcher = difflib.SequenceMatcher(
+            None,
+            plain,
+            processed,
+            autojunk=False,  # pragma: no mutate (None is as falsy); test_align_of_a_long_rewritten_row checks it
+        )
         pairs = [(b.a + k, b.b + k) for b in matcher.get_matching_blocks() for k in range(b.size)]
     to_processed = dict(pairs)
     matched = {j for _, j in pairs}
@@ -269,10 +272,10 @@ def _cut_rows(batch: dict[str, torch.Tensor], lengths: list[int], tokenizer: Any
     """Keep the first ``lengths[row]`` real tokens of each row and re-pad every sequence-shaped entry."""
     mask = batch["attention_mask"]
     width, left = max(lengths), tokenizer.padding_side == "left"
-    pad = {"input_ids": tokenizer.pad_token_id or 0, "labels": IGNORE_INDEX}
+    pad = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}  # the processor padded: the pad token is set
     out = dict(batch)
     for key, value in batch.items():
-        if key not in _SEQUENCE_KEYS | {"labels"} or value.dim() < 2 or value.shape[:2] != mask.shape:
+        if key not in _SEQUENCE_KEYS | {"labels"}:
             continue
         cut = value.new_full((value.shape[0], width, *value.shape[2:]), pad.get(key, 0))
         for row, length in enumerate(lengths):
