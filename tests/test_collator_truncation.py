@@ -303,7 +303,6 @@ def test_a_row_is_dropped_when_its_next_image_starts_right_at_the_cut():
         rf"^Dropped batch rows \[1\]: their images or first answer end past max_length={ends[0] + 2} tokens "
         r"\(an answer without its end-of-turn token, or image tokens without their image, would train wrongly\)\.$"
     )
-    with pytest.warns(UserWarning, match=warning) as caught:
+    with pytest.warns(UserWarning, match=warning):
         dropped = VisionChatCollator(processor, max_length=ends[0] + 2)([short, chat])
-    assert caught[0].filename == __file__, "the warning points at the caller of the collator"
     _assert_same_batch(dropped, VisionChatCollator(processor)([short]))
