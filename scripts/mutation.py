@@ -85,7 +85,15 @@ CORE: dict[str, CoreModule] = {
         "peft_vision_lora/integrations/loss.py",
         ("tests/test_supervised_loss.py", "tests/test_supervised_loss_paths.py"),
     ),
-    "data.collator": CoreModule("peft_vision_lora/data/collator.py", ("tests/test_collator.py",)),
+    "data.collator": CoreModule(
+        "peft_vision_lora/data/collator.py",
+        (
+            "tests/test_collator.py",
+            "tests/test_collator_any_processor.py",
+            "tests/test_collator_truncation.py",
+            "tests/test_chat_data.py",
+        ),
+    ),
 }
 
 

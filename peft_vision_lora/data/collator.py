@@ -29,13 +29,6 @@ IGNORE_INDEX = -100
 _SEQUENCE_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask"}
 
 
-def _image_parts(message: dict[str, Any]) -> int:
-    content = message.get("content")
-    if isinstance(content, str) or content is None:
-        return 0
-    return sum(1 for part in content if part.get("type") in ("image", "image_url"))
-
-
 class VisionChatCollator:
     """Collate ``{"messages": [...], "images": [...]}`` examples for a VLM (see ``load_chat_dataset`` for the format).
 
@@ -76,7 +69,7 @@ class VisionChatCollator:
         self.model_type = model_type or infer_model_type(processor, model)
         self.recipe: ChatRecipe = recipe_for(self.model_type)
         self.max_length, self.processor_kwargs = max_length, dict(processor_kwargs or {})
-        self.ignored_ids = torch.tensor(sorted(image_placeholder_ids(processor, self.model_type)), dtype=torch.long)
+        self.ignored_ids = torch.tensor(sorted(image_placeholder_ids(processor, self.model_type)))
 
     # Columns a dataset must keep for this collator (the Trainer reads it; see integrations/training.py).
     input_columns = ("images", "messages")
@@ -85,7 +78,7 @@ class VisionChatCollator:
         examples = [self._prepare(i, example) for i, example in enumerate(examples)]
         if self.model_type == "paligemma":
             batch = self._prefix_suffix_batch(examples)
-            inserted = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            inserted = torch.zeros_like(batch["attention_mask"])  # its image tokens are all named: none to find
         else:
             batch, inserted = self._chat_batch(examples)
         if self.max_length is None:
@@ -101,13 +94,14 @@ class VisionChatCollator:
             raise ValueError(
                 f"Example {index} of the batch needs `messages` ending with an assistant turn (the text to train on)."
             )
-        carried, clean = [], []
+        carried, clean, placeholders = [], [], 0
         for message in messages:
             content = message.get("content")
             if isinstance(content, list):
                 parts = []
                 for part in content:
                     if part.get("type") in ("image", "image_url"):
+                        placeholders += 1
                         payload = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
                         if payload is not None:
                             carried.append(open_image(payload))
@@ -120,7 +114,6 @@ class VisionChatCollator:
                 f"Example {index} gives images both in `images` and inside its image parts: use one or the other."
             )
         images = images or carried
-        placeholders = sum(_image_parts(m) for m in clean)
         if placeholders != len(images):
             raise ValueError(
                 f"Example {index} has {placeholders} image parts in its messages but {len(images)} images; "
@@ -132,7 +125,9 @@ class VisionChatCollator:
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,  # pragma: no mutate (False is the default, and None is as falsy: the text either way)
         )
 
     def _process(self, texts: list[str], images: list[list[Any]], **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -164,10 +159,8 @@ class VisionChatCollator:
             to_processed, extra = _align(plain[row], processed)
             inserted[row, real[extra]] = True
             for start, end in self._assistant_bounds(row, example["messages"], plain[row]):
-                first, last = to_processed(start), to_processed(end)
-                if last > first:
-                    span = real[first:last]
-                    labels[row, span] = input_ids[row, span]
+                span = real[to_processed(start) : to_processed(end)]
+                labels[row, span] = input_ids[row, span]
         labels[torch.isin(input_ids, self.ignored_ids) | inserted] = IGNORE_INDEX
         labels[mask == 0] = IGNORE_INDEX
         batch["labels"] = labels
@@ -179,19 +172,18 @@ class VisionChatCollator:
         for turn, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            prefixes = [self._render(messages[:turn], add_generation_prompt=True)]
-            if turn < len(messages) - 1:  # the last turn ends where the conversation ends
-                prefixes.append(self._render(messages[: turn + 1]))
+            # the conversation up to the turn's header, and up to the turn's end (the whole one for the last turn)
+            prefixes = [self._render(messages[:turn], add_generation_prompt=True), self._render(messages[: turn + 1])]
             lengths = []
             for prefix in self._tokenize(prefixes):
-                if len(prefix) > len(full) or full[: len(prefix)] != prefix:
+                if full[: len(prefix)] != prefix:
                     raise ValueError(
                         f"The {self.model_type} chat template's rendering up to turn {turn} of example {row} is not "
                         "a token prefix of the whole conversation (tokens merge across the boundary), so the prompt "
                         "cannot be masked. End the generation prompt with a special token or a newline."
                     )
                 lengths.append(len(prefix))
-            bounds.append((lengths[0], lengths[1] if len(lengths) > 1 else len(full)))
+            bounds.append((lengths[0], lengths[1]))
         return bounds
 
     def _prefix_suffix_batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -203,13 +195,9 @@ class VisionChatCollator:
                 raise ValueError("PaliGemma examples must be one user turn followed by one assistant turn.")
             prompts.append(self._render(messages[:-1]))
             answers.append(self._render([messages[-1]]).removesuffix(self.processor.tokenizer.eos_token))
-        batch = self._process(prompts, [example["images"] for example in examples], suffix=answers)
-        labels = batch["input_ids"].clone()
-        labels[batch["token_type_ids"] == 0] = IGNORE_INDEX  # the prefix: images, <bos>, prompt, "\n"
-        labels[torch.isin(batch["input_ids"], self.ignored_ids)] = IGNORE_INDEX
-        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-        batch["labels"] = labels
-        return batch
+        # The processor labels the suffix itself: input_ids, -100 wherever token_type_ids is 0 (images, <bos>, prompt,
+        # "\n" and padding).
+        return self._process(prompts, [example["images"] for example in examples], suffix=answers)
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -218,18 +206,14 @@ class VisionChatCollator:
     ) -> dict[str, torch.Tensor]:
         """Cut rows longer than ``max_length`` after their last whole answer; drop rows that cannot be cut."""
         limit, mask = self.max_length, batch["attention_mask"]
-        if int(mask.sum(1).max()) <= limit:
-            return batch
         image = torch.isin(batch["input_ids"], self.ignored_ids) | inserted
         keep_lengths: list[int] = []
         dropped: list[int] = []
         for row in range(len(examples)):
             real = mask[row].nonzero().flatten()
-            if len(real) <= limit:
-                keep_lengths.append(len(real))
-                continue
             trained = (batch["labels"][row, real] != IGNORE_INDEX).tolist()
             ends = [i + 1 for i in range(len(trained)) if trained[i] and (i + 1 == len(trained) or not trained[i + 1])]
+            ends.append(len(real))  # a row that fits is kept whole
             cut = max((end for end in ends if end <= limit), default=0)
             images_at = image[row, real].nonzero().flatten()
             if cut == 0 or (len(images_at) and int(images_at[-1]) >= cut):
@@ -267,17 +251,18 @@ def _align(plain: list[int], processed: list[int]) -> tuple[Any, torch.Tensor]:
         pairs.append((i, j))
         j += 1
     if len(pairs) != len(plain):
-        matcher = difflib.SequenceMatcher(None, plain, processed, autojunk=False)
+        matcher = difflib.SequenceMatcher(
+            None,
+            plain,
+            processed,
+            autojunk=False,  # pragma: no mutate (None is as falsy); test_align_of_a_long_rewritten_row checks it
+        )
         pairs = [(b.a + k, b.b + k) for b in matcher.get_matching_blocks() for k in range(b.size)]
     to_processed = dict(pairs)
     matched = {j for _, j in pairs}
 
-    def position(i: int) -> int:
-        if i >= len(plain):
-            return len(processed)
-        while i not in to_processed and i < len(plain):  # an unmatched boundary token: the next matched one
-            i += 1
-        return to_processed.get(i, len(processed))
+    def position(i: int) -> int:  # an unmatched boundary token maps to the next matched one, or to the end
+        return next((to_processed[k] for k in range(i, len(plain)) if k in to_processed), len(processed))
 
     extra = torch.tensor([j for j in range(len(processed)) if j not in matched], dtype=torch.long)
     return position, extra
@@ -287,10 +272,10 @@ def _cut_rows(batch: dict[str, torch.Tensor], lengths: list[int], tokenizer: Any
     """Keep the first ``lengths[row]`` real tokens of each row and re-pad every sequence-shaped entry."""
     mask = batch["attention_mask"]
     width, left = max(lengths), tokenizer.padding_side == "left"
-    pad = {"input_ids": tokenizer.pad_token_id or 0, "labels": IGNORE_INDEX}
+    pad = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}  # the processor padded: the pad token is set
     out = dict(batch)
     for key, value in batch.items():
-        if key not in _SEQUENCE_KEYS | {"labels"} or value.dim() < 2 or value.shape[:2] != mask.shape:
+        if key not in _SEQUENCE_KEYS | {"labels"}:
             continue
         cut = value.new_full((value.shape[0], width, *value.shape[2:]), pad.get(key, 0))
         for row, length in enumerate(lengths):
