@@ -43,3 +43,12 @@ def inputs_for(model_type: str) -> dict:
 def model_type_params(model_types=SUPPORTED_TINY_MODEL_TYPES) -> list:
     """Every tiny model type; those outside the fast subset are marked slow (`make test-fast` skips them)."""
     return [pytest.param(t, id=t, marks=() if t in FAST_MODEL_TYPES else pytest.mark.slow) for t in model_types]
+
+
+def with_answers(batch: dict, trained: list[int]) -> dict:
+    """Labels -100 except the last ``trained[i]`` tokens of row ``i``: rows that train different numbers of tokens."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, count in enumerate(trained):
+        if count:
+            labels[row, -count:] = batch["input_ids"][row, -count:]
+    return {**batch, "labels": labels}

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from helpers import fresh_model, model_type_params
+from helpers import fresh_model, model_type_params, with_answers
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainingArguments
@@ -30,15 +30,6 @@ def adapted(model_type: str, **config) -> torch.nn.Module:
     config = {"r": 4, "init_lora_weights": False, **config}
     model = get_peft_model(fresh_model(model_type), VisionLoraConfig(**config))
     return model.train()
-
-
-def with_answers(batch: dict, trained: list[int]) -> dict:
-    """Labels -100 except the last ``trained[i]`` tokens of row ``i``: rows that train different numbers of tokens."""
-    labels = torch.full_like(batch["labels"], -100)
-    for row, count in enumerate(trained):
-        if count:
-            labels[row, -count:] = batch["input_ids"][row, -count:]
-    return {**batch, "labels": labels}
 
 
 def loss_and_grads(model: torch.nn.Module, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

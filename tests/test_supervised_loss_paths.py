@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import transformers
-from helpers import fresh_model
+from helpers import fresh_model, with_answers
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,15 +27,6 @@ from peft_vision_lora.zoo.tiny import tiny_inputs
 
 def adapted(model_type: str) -> nn.Module:
     return get_peft_model(fresh_model(model_type), VisionLoraConfig(r=4, task="captioning", init_lora_weights=False))
-
-
-def with_answers(batch: dict, trained: list[int]) -> dict:
-    """Labels -100 except the last ``trained[i]`` tokens of row ``i``."""
-    labels = torch.full_like(batch["input_ids"], -100)
-    for row, count in enumerate(trained):
-        if count:
-            labels[row, -count:] = batch["input_ids"][row, -count:]
-    return {**batch, "labels": labels}
 
 
 def batch_for(model: nn.Module, trained=(5, 3), seq_len: int = 10, **kwargs) -> dict:
